@@ -40,6 +40,7 @@ class Tokenizer:
         self._special_tokens = {text: int(i) for text, i in core.specials()}
         self._special_names = frozenset(self._special_tokens)
         self._special_by_index = [text for text, _ in core.specials()]
+        self._default_policy = ([], list(range(len(self._special_by_index))))  # nothing allowed, all checked
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -221,6 +222,8 @@ class Tokenizer:
 
     # -------------------------------------------------------------------------------- internals
     def _special_policy(self, allowed_special: SpecialSet, disallowed_special: SpecialSet):
+        if disallowed_special == "all" and not allowed_special:
+            return self._default_policy
         allowed = self._special_names if allowed_special == "all" else frozenset(allowed_special)
         unknown = allowed - self._special_names
         if unknown:

@@ -1,0 +1,55 @@
+"""Shared fixtures: the repository's data, and tiktoken's GPT-2 encoding built offline as the reference."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CORPUS_DIR = SHARED_DATA / "corpus"
+ASSETS = REPO / "gpt2fast" / "assets"
+
+# tiktoken's spelling of GPT-2's pre-tokenization pattern (the same language as GPT-2's original).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+def read_jsonl_gz(path: Path) -> list:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from gpt2fast import Tokenizer
+
+    return Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="session")
+def tiktoken_gpt2():
+    """tiktoken's GPT-2 encoding, built from the vocabulary files we ship (no network)."""
+    tiktoken = pytest.importorskip("tiktoken")
+    import tiktoken.load
+
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(ASSETS / "vocab.bpe"), encoder_json_file=str(ASSETS / "encoder.json"))
+    return tiktoken.Encoding("gpt2-reference", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256})
+
+
+@pytest.fixture(scope="session")
+def corpus_documents() -> dict:
+    """{file name: [documents]} for every file of ../shared/data/corpus."""
+    files = sorted(CORPUS_DIR.glob("*.jsonl.gz"))
+    if not files:
+        pytest.skip(f"the shared corpus is not at {CORPUS_DIR}")
+    return {f.name: read_jsonl_gz(f) for f in files}
+
+
+@pytest.fixture(scope="session")
+def small_documents() -> list:
+    """A few hundred KB of real text that is always there: the corpus shipped in the package."""
+    return read_jsonl_gz(ASSETS / "mobydick.jsonl.gz")
