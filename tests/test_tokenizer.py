@@ -1,6 +1,7 @@
 """gpt2fast.tokenizer: parity with GPT-2's encoding (tiktoken), special tokens, decoding, training, errors."""
 from __future__ import annotations
 
+import base64
 import random
 import sys
 import sysconfig
@@ -408,3 +409,13 @@ def test_running_out_of_pairs_warns():
     with pytest.warns(UserWarning, match="ran out of pairs"):
         tok = Tokenizer.train(["abab"], 1000)
     assert tok.n_vocab < 1000
+
+
+def test_absurd_special_ids_are_a_clear_error(tmp_path):
+    ranks = _write(tmp_path / "bytes.tiktoken",
+                   b"".join(base64.b64encode(bytes([b])) + b" %d\n" % b for b in range(256)))
+    assert Tokenizer.from_tiktoken(ranks).eot_token == 256
+    with pytest.raises(VocabularyError, match="far beyond the 256 ordinary tokens"):
+        Tokenizer.from_tiktoken(ranks, special_tokens={EOT: 2_000_000_000})
+    with pytest.raises(VocabularyError, match="which an ordinary token already uses"):
+        Tokenizer.from_tiktoken(ranks, special_tokens={EOT: 5})

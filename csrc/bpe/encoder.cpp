@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <queue>
 #include <string>
@@ -110,6 +111,12 @@ Encoder::Encoder(std::vector<std::string> tokens, std::vector<SpecialToken> spec
                        ", which an ordinary token already uses (ordinary ids are 0.." +
                        std::to_string(tokens.size() - 1) + "); give it an id >= " +
                        std::to_string(tokens.size()));
+    constexpr std::size_t kMaxSpecialGap = std::size_t{1} << 20;  // ids index a table: keep it small
+    if (sp.id >= tokens.size() + kMaxSpecialGap)
+      throw InputError("special token '" + printable(sp.text) + "' has id " + std::to_string(sp.id) +
+                       ", far beyond the " + std::to_string(tokens.size()) +
+                       " ordinary tokens; special ids must be below " + std::to_string(tokens.size() + kMaxSpecialGap) +
+                       " (they normally follow the ordinary ids directly)");
     n_vocab = std::max<std::size_t>(n_vocab, static_cast<std::size_t>(sp.id) + 1);
   }
 
@@ -230,6 +237,7 @@ void Encoder::merge_long(std::string_view piece, std::vector<Rank>& out) const {
     bool operator>(const Entry& o) const { return rank != o.rank ? rank > o.rank : left > o.left; }
   };
   const std::size_t n = piece.size();
+  if (n == 0) return;  // the final walk below starts at part 0
   std::vector<Rank> id(n);
   std::vector<std::int64_t> next(n), prev(n);
   for (std::size_t i = 0; i < n; ++i) {
