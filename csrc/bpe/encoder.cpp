@@ -4,7 +4,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstring>
-#include <queue>
+#include <functional>
 #include <string>
 
 #include "pretokenize.h"
@@ -227,55 +227,54 @@ void Encoder::merge_short(std::vector<Rank>& parts, std::vector<Rank>& ranks) co
 }
 
 void Encoder::merge_long(std::string_view piece, std::vector<Rank>& out) const {
-  // The same merges as merge_short, lowest rank first and leftmost among equals, found with a heap over
-  // a linked list of parts. Stale heap entries are recognised by the ids they were made from: a part's id
-  // only ever grows longer, so an id never comes back.
-  struct Entry {
-    Rank rank;
-    std::uint32_t left;
-    Rank left_id, right_id;
-    bool operator>(const Entry& o) const { return rank != o.rank ? rank > o.rank : left > o.left; }
-  };
+  // The same merges as merge_short, lowest rank first and leftmost among equals, found with a min-heap of
+  // (rank << 32 | position) over a linked list of parts. pair_rank_at[p] is the rank of the pair that
+  // starts at part p now; an entry whose rank no longer matches is stale and skipped. Every current pair
+  // has an entry, so popping in (rank, position) order replays tiktoken's loop in n log n.
   const std::size_t n = piece.size();
   if (n == 0) return;  // the final walk below starts at part 0
-  std::vector<Rank> id(n);
-  std::vector<std::int64_t> next(n), prev(n);
+  if (n >= (std::size_t{1} << 32)) throw InputError("a single piece of 4 GiB or more cannot be encoded");
+  constexpr std::uint32_t kEnd = ~0U;
+  std::vector<Rank> id(n), pair_rank_at(n, kNoRank);
+  std::vector<std::uint32_t> next(n), prev(n);
   for (std::size_t i = 0; i < n; ++i) {
     id[i] = byte_ranks_[static_cast<unsigned char>(piece[i])];
-    prev[i] = static_cast<std::int64_t>(i) - 1;
-    next[i] = i + 1 < n ? static_cast<std::int64_t>(i + 1) : -1;
+    prev[i] = i == 0 ? kEnd : static_cast<std::uint32_t>(i - 1);
+    next[i] = i + 1 < n ? static_cast<std::uint32_t>(i + 1) : kEnd;
   }
-  std::vector<Entry> storage;
-  storage.reserve(n);
-  std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> heap(std::greater<Entry>{},
-                                                                         std::move(storage));
+  const auto key = [](Rank r, std::uint32_t pos) { return (static_cast<std::uint64_t>(r) << 32) | pos; };
+  std::vector<std::uint64_t> heap;
+  heap.reserve(n);
   for (std::size_t i = 0; i + 1 < n; ++i) {
-    const Rank r = pair_rank(id[i], id[i + 1]);
-    if (r != kNoRank) heap.push({r, static_cast<std::uint32_t>(i), id[i], id[i + 1]});
+    pair_rank_at[i] = pair_rank(id[i], id[i + 1]);
+    if (pair_rank_at[i] != kNoRank) heap.push_back(key(pair_rank_at[i], static_cast<std::uint32_t>(i)));
   }
+  const std::greater<std::uint64_t> later;
+  std::make_heap(heap.begin(), heap.end(), later);
+  const auto push = [&](std::uint32_t pos) {
+    const Rank r = next[pos] == kEnd ? kNoRank : pair_rank(id[pos], id[next[pos]]);
+    pair_rank_at[pos] = r;
+    if (r != kNoRank) {
+      heap.push_back(key(r, pos));
+      std::push_heap(heap.begin(), heap.end(), later);
+    }
+  };
   while (!heap.empty()) {
-    const Entry e = heap.top();
-    heap.pop();
-    const std::uint32_t left = e.left;
-    if (id[left] != e.left_id) continue;
-    const std::int64_t right = next[left];
-    if (right < 0 || id[right] != e.right_id) continue;
-    id[left] = e.rank;
-    id[right] = kNoRank;
+    std::pop_heap(heap.begin(), heap.end(), later);
+    const std::uint64_t top = heap.back();
+    heap.pop_back();
+    const auto left = static_cast<std::uint32_t>(top & 0xFFFFFFFFu);
+    const auto rank = static_cast<Rank>(top >> 32);
+    if (pair_rank_at[left] != rank) continue;  // stale
+    const std::uint32_t right = next[left];
+    id[left] = rank;
     next[left] = next[right];
-    if (next[right] >= 0) prev[next[right]] = left;
-    if (prev[left] >= 0) {
-      const auto p = static_cast<std::uint32_t>(prev[left]);
-      const Rank r = pair_rank(id[p], id[left]);
-      if (r != kNoRank) heap.push({r, p, id[p], id[left]});
-    }
-    if (next[left] >= 0) {
-      const auto q = next[left];
-      const Rank r = pair_rank(id[left], id[q]);
-      if (r != kNoRank) heap.push({r, left, id[left], id[q]});
-    }
+    if (next[right] != kEnd) prev[next[right]] = left;
+    pair_rank_at[right] = kNoRank;
+    push(left);
+    if (prev[left] != kEnd) push(prev[left]);
   }
-  for (std::int64_t i = 0; i >= 0; i = next[i]) out.push_back(id[i]);
+  for (std::uint32_t i = 0; i != kEnd; i = next[i]) out.push_back(id[i]);
 }
 
 void Encoder::encode_piece_uncached(std::string_view piece, std::vector<Rank>& out) const {
