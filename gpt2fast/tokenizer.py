@@ -158,6 +158,12 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"<Tokenizer {self.name!r} n_vocab={self.n_vocab}>"
 
+    def __reduce__(self):
+        # Picklable, for worker processes: GPT-2's shipped vocabulary by reference, any other by value.
+        if self is _gpt2_tokenizer():
+            return (Tokenizer.gpt2, ())
+        return (_rebuild, (self._core.ordinary_tokens(), self._core.specials(), self._core.merges(), self.name))
+
     # -------------------------------------------------------------------------------- training
     @classmethod
     def train(cls, texts: Union[str, Iterable[str]], vocab_size: int,
@@ -277,6 +283,10 @@ def _gpt2_tokenizer() -> Tokenizer:
     encoder_json = (assets / "encoder.json").read_bytes()
     vocab_bpe = (assets / "vocab.bpe").read_bytes()
     return Tokenizer(_bpe.CoreBPE.from_gpt2_files(encoder_json, vocab_bpe), "gpt2")
+
+
+def _rebuild(tokens: list, specials: list, merges: list, name: str) -> Tokenizer:
+    return Tokenizer(_bpe.CoreBPE(tokens, specials, merges), name)
 
 
 def _as_list(texts) -> list:

@@ -419,3 +419,25 @@ def test_absurd_special_ids_are_a_clear_error(tmp_path):
         Tokenizer.from_tiktoken(ranks, special_tokens={EOT: 2_000_000_000})
     with pytest.raises(VocabularyError, match="which an ordinary token already uses"):
         Tokenizer.from_tiktoken(ranks, special_tokens={EOT: 5})
+
+
+def test_batches_work_in_a_forked_child(tok, small_documents):
+    # Data loaders fork after the parent has encoded; the child must not wait on the parent's threads.
+    import multiprocessing
+
+    docs = small_documents[:8]
+    expected = tok.encode_ordinary_batch(docs, num_threads=2)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        result = pool.apply_async(tok.encode_ordinary_batch, (docs,), {"num_threads": 2})
+        assert result.get(timeout=60) == expected
+
+
+def test_tokenizers_pickle(tok, small_documents):
+    import pickle
+
+    assert pickle.loads(pickle.dumps(tok)) is tok  # the shipped vocabulary travels by reference
+    trained = Tokenizer.train(small_documents[:10], 400)
+    copy = pickle.loads(pickle.dumps(trained))
+    assert copy.n_vocab == 400 and copy.special_tokens == trained.special_tokens
+    assert copy.encode_ordinary(small_documents[11]) == trained.encode_ordinary(small_documents[11])

@@ -13,6 +13,8 @@
 #include <string>
 #include <string_view>
 #include <thread>
+
+#include <unistd.h>
 #include <vector>
 
 #include "../bpe/encoder.h"
@@ -139,8 +141,16 @@ unsigned resolve_threads(py::object num_threads, std::size_t work_items) {
 // Worker threads that outlive a call, so their per-thread piece caches stay warm from batch to batch.
 class WorkerPool {
  public:
+  // Call with the GIL held (it serialises the first use). Never destroyed: workers may outlive interpreter
+  // teardown. After fork() the child has none of the parent's threads, so it starts a pool of its own
+  // (the old one is leaked: its std::thread objects name threads that do not exist there).
   static WorkerPool& instance() {
-    static WorkerPool* pool = new WorkerPool();  // never destroyed: workers may outlive interpreter teardown
+    static WorkerPool* pool = nullptr;
+    static pid_t owner = 0;
+    if (pool == nullptr || owner != getpid()) {
+      pool = new WorkerPool();
+      owner = getpid();
+    }
     return *pool;
   }
 
@@ -252,9 +262,10 @@ class CoreBPE {
     std::vector<Span> spans(views.size());
     const unsigned threads = resolve_threads(num_threads, views.size());
     const std::uint64_t batch = next_batch_id();
+    WorkerPool& pool = WorkerPool::instance();
     {
       py::gil_scoped_release nogil;
-      WorkerPool::instance().run(views.size(), threads, [&](std::size_t i) {
+      pool.run(views.size(), threads, [&](std::size_t i) {
         OutputBuffer& buf = OutputBuffer::for_batch(batch);
         const std::size_t before = buf.ids.size();
         if (ordinary) encoder_->encode_ordinary(views[i], buf.ids);
