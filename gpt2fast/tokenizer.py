@@ -160,7 +160,7 @@ class Tokenizer:
 
     def __reduce__(self):
         # Picklable, for worker processes: GPT-2's shipped vocabulary by reference, any other by value.
-        if self is _gpt2_tokenizer():
+        if _gpt2_tokenizer.cache_info().currsize and self is _gpt2_tokenizer():  # without loading GPT-2
             return (Tokenizer.gpt2, ())
         return (_rebuild, (self._core.ordinary_tokens(), self._core.specials(), self._core.merges(), self.name))
 
