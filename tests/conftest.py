@@ -1,6 +1,20 @@
 """Shared fixtures: the repository's data, and tiktoken's GPT-2 encoding built offline as the reference."""
 from __future__ import annotations
 
+import os
+
+# Without a GPU, Triton kernels run under Triton's interpreter on CPU tensors; it must be switched on
+# before Triton is first imported.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch
+
+        _gpu = torch.cuda.is_available()
+    except ImportError:
+        _gpu = False
+    if not _gpu:
+        os.environ["TRITON_INTERPRET"] = "1"
+
 import gzip
 import json
 from pathlib import Path

@@ -1,0 +1,45 @@
+"""Shared rules for testing ops against their references.
+
+Tolerance follows flash-attention's rule: compute the reference in float64; the fast path passes when its
+largest error is at most twice the largest error of plain PyTorch run in the same low precision
+(plus a few units in the last place of the dtype, for outputs that PyTorch happens to get exactly right).
+No table of per-dtype magic numbers.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+needs_triton = pytest.mark.skipif(not (ON_GPU or INTERPRETING),
+                                  reason="Triton kernels need a GPU, or TRITON_INTERPRET=1 on the CPU")
+
+
+def max_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_flash_rule(name: str, ours: torch.Tensor, torch_lowprec: torch.Tensor, ref64: torch.Tensor):
+    """max|ours - ref| <= 2 * max|torch_lowprec - ref| + 4 ulp(dtype) * max|ref|."""
+    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    ulp = torch.finfo(ours.dtype).eps
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    bound = 2 * max_error(torch_lowprec, ref64) + 4 * ulp * scale
+    err = max_error(ours, ref64)
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (torch in {ours.dtype}: " \
+                         f"{max_error(torch_lowprec, ref64):.3e})"
+
+
+def fresh(shape, dtype, *, scale=1.0, requires_grad=True, seed=None):
+    """A fresh random tensor on the test device (a new seed each call unless given)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item())
+    t = (torch.randn(shape, generator=g, dtype=torch.float32) * scale).to(DEVICE, dtype)
+    return t.requires_grad_(requires_grad)
