@@ -17,13 +17,13 @@ import codecs
 import functools
 import json
 import os
-import tempfile
 import warnings
 from importlib import resources
 from pathlib import Path
 from typing import AbstractSet, Collection, Iterable, Literal, Optional, Sequence, Union
 
 from gpt2fast import _bpe
+from gpt2fast._io import write_atomic
 
 VocabularyError = _bpe.VocabularyError
 EOT = "<|endoftext|>"
@@ -213,8 +213,8 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         enc_path, bpe_path = directory / "encoder.json", directory / "vocab.bpe"
-        _write_atomic(enc_path, json.dumps(encoder, ensure_ascii=False).encode("utf-8"))
-        _write_atomic(bpe_path, ("#version: 0.2\n" + merge_lines).encode("utf-8"))
+        write_atomic(enc_path, json.dumps(encoder, ensure_ascii=False).encode("utf-8"))
+        write_atomic(bpe_path, ("#version: 0.2\n" + merge_lines).encode("utf-8"))
         return enc_path, bpe_path
 
     def save_tiktoken(self, path: Union[str, os.PathLike]) -> Path:
@@ -223,7 +223,7 @@ class Tokenizer:
 
         lines = b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(self._core.ordinary_tokens()))
         path = Path(path)
-        _write_atomic(path, lines)
+        write_atomic(path, lines)
         return path
 
     # -------------------------------------------------------------------------------- internals
@@ -301,22 +301,6 @@ def _as_sequence(ids):
     if hasattr(ids, "tolist"):  # numpy arrays and torch tensors
         return ids.tolist()
     return list(ids)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@
 
 Every op takes backend="auto" | "triton" | "torch"; see gpt2fast/ops/_dispatch.py.
 """
+from gpt2fast.ops._dispatch import BACKENDS
 from gpt2fast.ops.attention import attention
 from gpt2fast.ops.bias_gelu import bias_gelu
 from gpt2fast.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from gpt2fast.ops.layer_norm import layer_norm
 
-__all__ = ["attention", "bias_gelu", "cross_entropy", "layer_norm", "linear_cross_entropy"]
+__all__ = ["BACKENDS", "attention", "bias_gelu", "cross_entropy", "layer_norm", "linear_cross_entropy"]

@@ -10,7 +10,6 @@ on every commit.
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from typing import Iterable, Optional
@@ -25,15 +24,21 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def triton_import_error() -> Optional[str]:
-    """None when Triton imports, else why not."""
+def _probe_triton() -> Optional[str]:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
         return f"Triton is not importable ({type(e).__name__}: {e}); pip install triton"
     return None
+
+
+_TRITON_IMPORT_ERROR = _probe_triton()  # once, at import: a plain constant is also free under torch.compile
+
+
+def triton_import_error() -> Optional[str]:
+    """None when Triton imports, else why not."""
+    return _TRITON_IMPORT_ERROR
 
 
 def why_not_triton(tensors: Iterable[torch.Tensor], dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16),

@@ -1,0 +1,165 @@
+"""gpt2fast.ops.bias_gelu: the Triton kernels against a float64 reference (flash-attention's tolerance rule),
+the output and both gradients; dispatch, fallback and argument errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2fast.ops import _dispatch
+from gpt2fast.ops.bias_gelu import bias_gelu, bias_gelu_reference
+from ops_testing import DEVICE, DTYPES, ON_GPU, assert_within_flash_rule, fresh, needs_triton
+
+SHAPES = [(1, 1, 1023), (3, 7, 257), (2, 5, 768), (4, 1600), (2, 3, 3072)] + ([(16384, 3072)] if ON_GPU else [])
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_inputs(shape, dtype, seed):
+    x = fresh(shape, dtype, scale=2.0, seed=seed)  # wide enough to reach both tails of the GELU
+    bias = fresh((shape[-1],), dtype, scale=0.5, seed=seed + 1)
+    dy = fresh(shape, dtype, requires_grad=False, seed=seed + 2)
+    return x, bias, dy
+
+
+def run(fn, x, bias, dy, cast=None):
+    """{"y", "dx", "dbias"} of ``fn`` on fresh leaf copies of the inputs (cast if asked)."""
+    x, bias = (t.detach().to(cast or t.dtype, copy=True).requires_grad_() for t in (x, bias))
+    y = fn(x, bias)
+    dx, dbias = torch.autograd.grad([y], [x, bias], [dy.to(y.dtype)])
+    return {"y": y, "dx": dx, "dbias": dbias}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_reference(shape, dtype):
+    x, bias, dy = make_inputs(shape, dtype, seed=hash(shape) % 10_000)
+    ours = run(lambda a, b: bias_gelu(a, b, backend="triton"), x, bias, dy)
+    torch_lowprec = run(bias_gelu_reference, x, bias, dy)
+    ref64 = run(bias_gelu_reference, x, bias, dy, cast=torch.float64)
+    for name in ref64:
+        assert ours[name].dtype == dtype, (name, ours[name].dtype)
+        assert_within_flash_rule(name, ours[name], torch_lowprec[name], ref64[name])
+
+
+@needs_triton
+def test_tails_and_zero():
+    """Far tails (the sigmoid saturates: exact 0 and identity), and exactly zero."""
+    x = torch.tensor([[-40.0, -12.0, -3.0, 0.0, 3.0, 12.0, 40.0, 1e4]], device=DEVICE)
+    bias = torch.zeros(8, device=DEVICE)
+    y = bias_gelu(x, bias, backend="triton")
+    torch.testing.assert_close(y, F.gelu(x, approximate="tanh"))
+    dx, = torch.autograd.grad(bias_gelu(x.requires_grad_(), bias, backend="triton").sum(), [x])
+    torch.testing.assert_close(dx, torch.autograd.grad(F.gelu(x, approximate="tanh").sum(), [x])[0])
+    assert torch.isfinite(dx).all()
+
+
+@needs_triton
+def test_non_contiguous_inputs():
+    x = fresh((300, 5), torch.float32, seed=3).t()  # (5, 300), last-dim stride 5
+    bias = fresh((300, 2), torch.float32, seed=4)[:, 1]
+    dy = fresh((5, 300), torch.float32, requires_grad=False, seed=5)
+    assert not (x.is_contiguous() or bias.is_contiguous())
+    ours = run(lambda a, b: bias_gelu(a, b, backend="triton"), x, bias, dy)
+    ref = run(bias_gelu_reference, x, bias, dy)
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], msg=name)
+
+
+@needs_triton
+def test_bias_gradient_is_deterministic():
+    inputs = make_inputs((96, 300), torch.float32, seed=6)
+    first = run(lambda a, b: bias_gelu(a, b, backend="triton"), *inputs)
+    second = run(lambda a, b: bias_gelu(a, b, backend="triton"), *inputs)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@needs_triton
+def test_empty_batch():
+    x = torch.empty(0, 64, device=DEVICE, requires_grad=True)
+    bias = torch.zeros(64, device=DEVICE, requires_grad=True)
+    y = bias_gelu(x, bias, backend="triton")
+    y.sum().backward()
+    assert y.shape == x.shape and torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+# ------------------------------------------------------------------------------------------------- dispatch
+def test_torch_backend_is_the_reference():
+    x, bias, _ = make_inputs((3, 7, 257), torch.float32, seed=20)
+    assert torch.equal(bias_gelu(x, bias, backend="torch"), F.gelu(x + bias, approximate="tanh"))
+    assert torch.equal(bias_gelu_reference(x, bias), F.gelu(x + bias, approximate="tanh"))
+
+
+@pytest.fixture
+def cpu_without_interpreter(monkeypatch):
+    """The situation of a CPU-only machine outside the tests: Triton present but no interpreter."""
+    monkeypatch.setattr(_dispatch, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(_dispatch, "_warned", set())
+
+
+def test_auto_falls_back_on_cpu_with_one_warning(cpu_without_interpreter):
+    if _dispatch.triton_import_error():
+        pytest.skip("Triton is not installed: the reason is a different one")
+    x, bias = torch.randn(4, 64), torch.randn(64)
+    with pytest.warns(RuntimeWarning, match="bias_gelu: using the PyTorch reference because the tensors are on"):
+        y = bias_gelu(x, bias)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call must not warn again
+        y2 = bias_gelu(x, bias)
+    assert torch.equal(y, bias_gelu_reference(x, bias)) and torch.equal(y2, y)
+
+
+def test_triton_backend_that_cannot_run_says_why(cpu_without_interpreter):
+    with pytest.raises(RuntimeError, match="bias_gelu: the Triton backend cannot run here: .*(CPU|not importable)"):
+        bias_gelu(torch.randn(4, 64), torch.randn(64), backend="triton")
+
+
+def test_unsupported_dtype_falls_back(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    x = torch.randn(4, 64, dtype=torch.float64, device=DEVICE)
+    bias = torch.randn(64, dtype=torch.float64, device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="float64"):
+        y = bias_gelu(x, bias)
+    assert torch.equal(y, bias_gelu_reference(x, bias))
+
+
+def test_bad_backend_name():
+    with pytest.raises(ValueError, match="backend='cuda!' is not one of"):
+        bias_gelu(torch.randn(4, 64), torch.randn(64), backend="cuda!")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_mismatched_bias_shape(backend):
+    x = torch.randn(2, 3, 64)
+    with pytest.raises(ValueError, match=r"bias has shape \(63,\) but x has shape \(2, 3, 64\)"):
+        bias_gelu(x, torch.randn(63), backend=backend)
+    with pytest.raises(ValueError, match=r"bias has shape \(3, 64\) but x has shape \(2, 3, 64\)"):
+        bias_gelu(x, torch.randn(3, 64), backend=backend)
+
+
+def test_imports_and_falls_back_without_triton():
+    """With Triton missing, the module imports, "auto" falls back and "triton" says Triton is not importable."""
+    code = (
+        "import sys, warnings; sys.modules['triton'] = None\n"  # `import triton` now raises ImportError
+        "import torch\n"
+        "from gpt2fast.ops.bias_gelu import bias_gelu, bias_gelu_reference\n"
+        "x, b = torch.randn(3, 8), torch.randn(8)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert torch.equal(bias_gelu(x, b), bias_gelu_reference(x, b))\n"
+        "assert any('not importable' in str(c.message) for c in caught), [str(c.message) for c in caught]\n"
+        "try:\n"
+        "    bias_gelu(x, b, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not importable' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
