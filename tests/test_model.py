@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt2fast.model import GPT2, GPT2Config, PRESETS
-from ops_testing import needs_triton
+from ops_testing import ON_GPU, needs_triton
 
 transformers = pytest.importorskip("transformers")
 
@@ -176,6 +176,14 @@ def test_block_traces_without_graph_breaks():
     block = model.transformer.h[0]
     h = torch.randn(2, 16, 64)
     explanation = torch._dynamo.explain(block)(h, torch.randn(2, 16, 64))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Triton fast path runs under torch.compile only on a GPU")
+def test_triton_block_traces_without_graph_breaks_on_the_gpu():
+    block = GPT2(tiny_config(), backend="triton").cuda().to(torch.bfloat16).transformer.h[0]
+    h, pending = (torch.randn(2, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    explanation = torch._dynamo.explain(block)(h, pending)
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 

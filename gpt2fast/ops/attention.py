@@ -127,7 +127,7 @@ class _FlashAttentionFn(torch.autograd.Function):
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    # The kernels assume unit stride along D (vector loads); any other stride is passed through.
+    # The kernels take the B, H and T strides as arguments but assume unit stride along D (vector loads).
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -274,7 +274,11 @@ def _configs(kernel: str):
 
 def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
-        keep = set(_CONFIGS[kernel][_config_family(kwargs["HEAD_DIM"], kwargs["DOT_PREC"])])
+        # HEAD_DIM and DOT_PREC are launch keywords; older Triton passes only the positional arguments.
+        args = {**named_args, **kwargs}
+        if "HEAD_DIM" not in args or "DOT_PREC" not in args:
+            return configs
+        keep = set(_CONFIGS[kernel][_config_family(args["HEAD_DIM"], args["DOT_PREC"])])
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
     return prune
 
@@ -334,16 +338,18 @@ if triton is not None:
             k = _load_rows(k_base + cols[:, None] * stride_kt + dims[None, :], cols, T, EVEN_T)
         else:
             k = tl.load(k_base + cols[:, None] * stride_kt + dims[None, :])
-        s = _dot(q, tl.trans(k), None, DOT_PREC) * scale_log2
+        s = _dot(q, tl.trans(k), None, DOT_PREC)
         if MASKED:
             keep = cols[None, :] < T
             if CAUSAL:
                 keep = keep & (cols[None, :] <= rows[:, None])
             s = tl.where(keep, s, float("-inf"))
+        # Running max in base-2 units (scale_log2 > 0, so scaling the max is the max of the scaled); the scale
+        # is applied inside the exponent, where it fuses into one multiply-add per score.
         # The first tile visited always holds key 0, which every row sees: m_new is finite from then on.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * scale_log2 - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if MASKED:
@@ -492,7 +498,7 @@ if triton is not None:
                               H, T, T_BUCKET, scale_log2, sm_scale,
                               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                               EVEN_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         INTERP_TILES: tl.constexpr = 0):
+                              INTERP_TILES: tl.constexpr = 0):
         # Program order already starts the key tiles with the most queries (the first ones) first.
         n0 = tl.program_id(0) * BLOCK_N
         bh = tl.program_id(1)
@@ -584,7 +590,7 @@ if triton is not None:
                             H, T, T_BUCKET, scale_log2, sm_scale,
                             HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                             EVEN_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         INTERP_TILES: tl.constexpr = 0):
+                            INTERP_TILES: tl.constexpr = 0):
         pid_m = tl.program_id(0)
         if CAUSAL:
             pid_m = tl.num_programs(0) - 1 - pid_m
