@@ -67,3 +67,13 @@ def corpus_documents() -> dict:
 def small_documents() -> list:
     """A few hundred KB of real text that is always there: the corpus shipped in the package."""
     return read_jsonl_gz(ASSETS / "mobydick.jsonl.gz")
+
+
+@pytest.fixture
+def cpu_without_interpreter(monkeypatch):
+    """The situation of a CPU-only machine outside the tests: Triton present but no interpreter (and the
+    once-per-reason fallback warnings not yet given)."""
+    from gpt2fast.ops import _dispatch
+
+    monkeypatch.setattr(_dispatch, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(_dispatch, "_warned", set())

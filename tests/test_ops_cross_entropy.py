@@ -269,13 +269,6 @@ def test_shape_and_dtype_errors(backend):
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
-@pytest.fixture
-def cpu_without_interpreter(monkeypatch):
-    """The situation of a CPU-only machine outside the tests: Triton present but no interpreter."""
-    monkeypatch.setattr(_dispatch, "triton_interpreting", lambda: False)
-    monkeypatch.setattr(_dispatch, "_warned", set())
-
-
 def test_auto_falls_back_on_cpu_with_one_warning(cpu_without_interpreter):
     if _dispatch.triton_import_error():
         pytest.skip("Triton is not installed: the reason is a different one")

@@ -150,13 +150,6 @@ def test_torch_backend_is_the_reference():
     assert torch.equal(layer_norm(x, w, b, backend="torch"), torch.nn.functional.layer_norm(x, (257,), w, b))
 
 
-@pytest.fixture
-def cpu_without_interpreter(monkeypatch):
-    """The situation of a CPU-only machine outside the tests: Triton present but no interpreter."""
-    monkeypatch.setattr(_dispatch, "triton_interpreting", lambda: False)
-    monkeypatch.setattr(_dispatch, "_warned", set())
-
-
 def _cpu_inputs(width=64):
     x = torch.randn(4, width)
     return x, torch.ones(width), torch.zeros(width), torch.randn(4, width)
