@@ -1,12 +1,18 @@
-"""Reading raw text: plain files, JSON Lines with a "text" field, gzip of either, and folders of them."""
+"""Reading raw text: plain files, JSON Lines with a "text" field, gzip of either, and folders of them.
+
+``iter_documents`` gives the texts; ``iter_records`` gives each text with its optional ``url`` and quality
+``score`` (JSON Lines fields, e.g. a Reddit link's karma) and where it came from, for the data pipeline.
+"""
 from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".md")
@@ -43,12 +49,31 @@ def iter_files(paths: Iterable[PathLike]) -> Iterator[Path]:
             raise FileNotFoundError(f"no such file or folder: {p}")
 
 
+@dataclass(frozen=True)
+class Record:
+    """One document: its text, the optional ``url`` and ``score`` of a JSON Lines record, and ``where``
+    it was read ("path" for a plain file, "path:line" for a JSON Lines record)."""
+    text: str
+    url: Optional[str] = None
+    score: Optional[float] = None
+    where: str = ""
+
+
 def iter_documents(paths: Iterable[PathLike]) -> Iterator[str]:
     """One string per document: each JSON Lines record's "text", or each plain file whole."""
+    for record in iter_records(paths):
+        yield record.text
+
+
+def iter_records(paths: Iterable[PathLike]) -> Iterator[Record]:
+    """One ``Record`` per document, in the order ``iter_documents`` gives them.
+
+    JSON Lines records may carry ``url`` (a string or null) and ``score`` (a number, a numeric string, or
+    null); anything else there is an error naming the file and line. Plain files have neither."""
     for path in iter_files(paths):
         with _open_text(path) as f:
             if not _is_jsonl(path):
-                yield f.read()
+                yield Record(f.read(), where=str(path))
                 continue
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
@@ -60,4 +85,29 @@ def iter_documents(paths: Iterable[PathLike]) -> Iterator[str]:
                                      f"object per line") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise ValueError(f"{path}:{line_no}: expected an object with a string \"text\" field")
-                yield record["text"]
+                where = f"{path}:{line_no}"
+                yield Record(record["text"], _url_field(record.get("url"), where),
+                             _score_field(record.get("score"), where), where)
+
+
+def _url_field(value, where: str) -> Optional[str]:
+    if value is None or isinstance(value, str):
+        return value or None
+    raise ValueError(f"{where}: \"url\" must be a string or null, got {value!r}")
+
+
+def _score_field(value, where: str) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        score = float(value)
+    elif isinstance(value, str):
+        try:
+            score = float(value)
+        except ValueError:
+            raise ValueError(f"{where}: \"score\" must be a number, got the string {value!r}") from None
+    else:
+        raise ValueError(f"{where}: \"score\" must be a number or null, got {value!r}")
+    if math.isnan(score):
+        raise ValueError(f"{where}: \"score\" is NaN; give a number or null")
+    return score

@@ -1,0 +1,560 @@
+"""`python -m gpt2fast.train`: train GPT-2.
+
+With no arguments it is the embedded default run: prepare the small corpus shipped in the package, train a
+small GPT-2 for a few minutes on the CPU (or the GPU if there is one), report validation loss against the
+corpus's unigram entropy, save a checkpoint and the loss curve under ./out/, and print a sample.
+
+    python -m gpt2fast.train                                   # the default run
+    python -m gpt2fast.train --preset=gpt2 --data=DIR          # GPT-2 124M on prepared shards
+    python -m gpt2fast.train --config=run.json --lr=3e-4       # a config file, then overrides
+    python -m gpt2fast.train --resume                          # continue the run in --out_dir exactly
+    python -m gpt2fast.train --help                            # every key with its default
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass
+class TrainConfig:
+    # data
+    data: str = ""  # prepared shards (python -m gpt2fast.data prepare); empty: prepare the packaged corpus
+    out_dir: str = "out"  # checkpoints, metrics.jsonl, loss.png
+    # model
+    model: str = "gpt2-tiny"  # a GPT2Config preset: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-mini, gpt2-tiny
+    init_from: str = ""  # a Hugging Face GPT-2 folder to start from instead of random weights
+    block_size: int = 128  # context length in tokens
+    dropout: float = 0.0
+    backend: str = "auto"  # kernels: auto, triton, torch
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+    # optimisation
+    batch_size: int = 8  # sequences per micro-batch (per process)
+    tokens_per_step: int = 0  # tokens per optimizer step, all processes; 0: one micro-batch (GPT-2: 524288)
+    max_steps: int = 2000
+    max_minutes: float = 4.0  # stop (with a checkpoint) after this much training time; 0: no limit
+    lr: float = 2e-3  # peak learning rate
+    min_lr: float = 2e-4  # reached at max_steps by the cosine decay
+    warmup_steps: int = 30
+    weight_decay: float = 0.1  # on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
+    dtype: str = "auto"  # auto: bf16 on GPUs that have it, fp16 (loss scaling) on older GPUs, fp32 on the CPU
+    device: str = "auto"  # auto, cpu, cuda, cuda:1...
+    seed: int = 1337
+    # evaluation, logging, checkpoints
+    eval_interval: int = 50  # steps between validation runs
+    eval_batches: int = 8  # micro-batches per validation run
+    sample_interval: int = 0  # steps between samples printed while training; 0: only at the end
+    sample_tokens: int = 60
+    checkpoint_interval: int = 200
+    keep_checkpoints: int = 2  # the last K checkpoints are kept
+    resume: bool = False  # continue from the latest checkpoint in out_dir
+    max_bad_steps: int = 5  # consecutive non-finite losses before giving up
+
+    def __post_init__(self):
+        positive = ("block_size", "batch_size", "max_steps", "eval_interval", "eval_batches", "checkpoint_interval",
+                    "keep_checkpoints", "max_bad_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("tokens_per_step", "warmup_steps", "sample_interval", "sample_tokens", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"--backend must be auto, triton or torch, got {self.backend!r}")
+
+
+PRESETS = {
+    "default": {},
+    # GPT-2's own recipe, nanoGPT-style: 0.5M tokens per step
+    **{name: dict(model=name, block_size=1024, batch_size=batch, tokens_per_step=524_288, lr=lr, min_lr=lr / 10,
+                  warmup_steps=700, max_steps=19_073, max_minutes=0, eval_interval=250, eval_batches=20,
+                  checkpoint_interval=1000, sample_interval=1000)
+       for name, batch, lr in (("gpt2", 32, 6e-4), ("gpt2-medium", 16, 3e-4), ("gpt2-large", 8, 2.5e-4),
+                               ("gpt2-xl", 4, 2e-4))},
+    "gpt2-mini": dict(model="gpt2-mini", block_size=256, batch_size=16, lr=1e-3, min_lr=1e-4, max_minutes=0),
+}
+
+
+def _parse_value(name: str, text: str, kind):
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(kind, kind) if isinstance(kind, str) else kind
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name} takes true or false, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--{name} takes {'an integer' if kind is int else 'a number' if kind is float else 'text'},"
+                         f" got {text!r}") from None
+
+
+def _field_kinds() -> dict:
+    return {f.name: f.type for f in fields(TrainConfig)}
+
+
+def _check_keys(source: str, keys) -> None:
+    known = _field_kinds()
+    for key in keys:
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see --help"
+            raise ValueError(f"unknown setting {key!r} in {source}{hint}")
+
+
+def parse_args(argv) -> TrainConfig:
+    """``--preset=NAME`` and ``--config=FILE.json`` first, then ``--key=value`` overrides, in that order."""
+    overrides, preset, config_file = {}, "default", None
+    kinds = _field_kinds()
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: settings are written --key=value (see --help)")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if kinds.get(key) in (bool, "bool") and (i + 1 >= len(args) or args[i + 1].startswith("--")):
+                value = "true"
+            elif i + 1 < len(args):
+                value = args[i + 1]
+                i += 1
+            else:
+                raise ValueError(f"--{key} needs a value")
+        i += 1
+        if key == "preset":
+            preset = value
+        elif key == "config":
+            config_file = value
+        else:
+            _check_keys("the command line", [key])
+            overrides[key] = _parse_value(key, value, kinds[key])
+    if preset not in PRESETS:
+        raise ValueError(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)}")
+    settings = dict(PRESETS[preset])
+    if config_file:
+        path = Path(config_file)
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"--config {path}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {path}: not valid JSON ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {path}: expected a JSON object of settings")
+        _check_keys(str(path), loaded)
+        for key, value in loaded.items():
+            expected = kinds[key]
+            expected = {"int": int, "float": float, "bool": bool, "str": str}.get(expected, expected)
+            ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value, ok = float(value), True
+            if not ok:
+                raise ValueError(f"{path}: {key} should be {expected.__name__}, got {value!r}")
+            settings[key] = value
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def help_text() -> str:
+    lines = [__doc__.strip(), "", "settings (--key=value), with their defaults:"]
+    import inspect
+
+    source = inspect.getsource(TrainConfig).splitlines()
+    comments = {}
+    for line in source:
+        stripped = line.strip()
+        if ":" in stripped and "=" in stripped and not stripped.startswith(("#", "def", "@", "class")):
+            name = stripped.split(":")[0]
+            comments[name] = stripped.split("#", 1)[1].strip() if "#" in stripped else ""
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        lines.append(f"  --{f.name}={getattr(defaults, f.name)!r:<14} {comments.get(f.name, '')}")
+    lines.append(f"  --preset=NAME             one of {', '.join(sorted(PRESETS))}")
+    lines.append("  --config=FILE.json        settings from a JSON object (applied after the preset)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    """Dense bf16/fp16 tensor-core peak of the detected GPU, or None (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in GPU_PEAK_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def flops_per_token(model) -> float:
+    """Training FLOPs per token: 6 per parameter (forward + backward) plus the attention scores."""
+    c = model.config
+    return 6 * model.num_params(non_embedding=True) + 6 * c.vocab_size * c.n_embd + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model, cfg: TrainConfig, device: torch.device):
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def checkpoint_dirs(out_dir: Path) -> list:
+    return sorted(p for p in out_dir.glob("ckpt_*") if p.is_dir() and (p / "trainer_state.pt").is_file())
+
+
+def save_checkpoint(out_dir: Path, model, optimizer, scaler, step: int, loader, cfg: TrainConfig, keep: int) -> Path:
+    """Weights as safetensors (loadable by GPT2.from_pretrained) plus the trainer's state, written into a
+    temporary folder and renamed, so a crash never leaves a half-written checkpoint; the last ``keep`` stay."""
+    final = out_dir / f"ckpt_{step:07d}"
+    tmp = out_dir / f".tmp_ckpt_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+             "loader": loader.state_dict(), "rng": _rng_state(), "config": dataclasses.asdict(cfg),
+             "model_config": dataclasses.asdict(model.config)}
+    torch.save(state, tmp / "trainer_state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------------------- training
+class Trainer:
+    def __init__(self, cfg: TrainConfig, log=print):
+        from gpt2fast import data
+        from gpt2fast.model import GPT2, GPT2Config
+
+        self.cfg, self.log = cfg, log
+        self.out_dir = Path(cfg.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+                                   else cfg.device)
+        self.dtype = pick_dtype(cfg, self.device)
+        torch.manual_seed(cfg.seed)
+
+        data_dir = Path(cfg.data) if cfg.data else self.out_dir / "data"
+        if not cfg.data:  # the packaged corpus, prepared once; rebuilt if the package changed under it
+            options = data.PrepareOptions(val_fraction=0.05)
+            try:
+                data.prepare([], data_dir, options, log=lambda s: None)
+            except data.DataError:
+                data.prepare([], data_dir, options, force=True, log=lambda s: None)
+        manifest = data.read_manifest(data_dir)
+        self.data_dir = data_dir
+
+        # On the CPU the Triton kernels cannot run: go straight to the reference ops instead of warning.
+        backend = "torch" if self.device.type == "cpu" and cfg.backend == "auto" else cfg.backend
+        if cfg.init_from:
+            self.model = GPT2.from_pretrained(cfg.init_from, backend=backend)
+        else:
+            config = GPT2Config.preset(cfg.model, block_size=cfg.block_size, dropout=cfg.dropout,
+                                       gradient_checkpointing=cfg.gradient_checkpointing)
+            self.model = GPT2(config, backend=backend)
+        mc = self.model.config
+        if cfg.block_size > mc.block_size:
+            raise ValueError(f"--block_size={cfg.block_size} exceeds the model's context of {mc.block_size}")
+        data_vocab = int(manifest["tokenizer"]["vocab_size"])
+        if data_vocab > mc.vocab_size:
+            raise ValueError(f"the data in {data_dir} was tokenized with a vocabulary of {data_vocab} tokens, but the "
+                             f"model predicts only {mc.vocab_size}: token ids beyond the model's vocabulary")
+        self.model.to(self.device)
+        self.train_loader = data.TokenLoader(data_dir, "train", cfg.batch_size, cfg.block_size, seed=cfg.seed)
+        self.val_loader_args = (data_dir, "val", cfg.batch_size, cfg.block_size)
+        data.TokenLoader(*self.val_loader_args, seed=cfg.seed)  # fails early if val is too short
+        self.unigram = data.unigram_entropy(data_dir, "val")
+
+        micro_tokens = cfg.batch_size * cfg.block_size
+        target = cfg.tokens_per_step or micro_tokens
+        if target % micro_tokens:
+            raise ValueError(f"--tokens_per_step={target} is not a multiple of batch_size x block_size = {micro_tokens}")
+        self.accum = target // micro_tokens
+        self.tokens_per_step = target
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.step = 0
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.history = []  # (step, train loss, val loss or None, lr)
+        if cfg.resume:
+            self._resume()
+
+    def _resume(self):
+        from gpt2fast.model import GPT2
+
+        found = checkpoint_dirs(self.out_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.out_dir}")
+        path = found[-1]
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if state["model_config"] != dataclasses.asdict(self.model.config):
+            raise ValueError(f"--resume: {path} holds a model of another shape ({state['model_config']}) than "
+                             f"this run's ({dataclasses.asdict(self.model.config)})")
+        loaded = GPT2.from_pretrained(path, backend="torch")
+        self.model.load_state_dict(loaded.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.train_loader.load_state_dict(state["loader"])
+        _set_rng_state(state["rng"])
+        self.step = state["step"]
+        history = self.out_dir / "metrics.jsonl"
+        if history.exists():
+            for line in history.read_text().splitlines():
+                m = json.loads(line)
+                if m["step"] < self.step:
+                    self.history.append((m["step"], m["loss"], m.get("val_loss"), m["lr"]))
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        from gpt2fast import data
+
+        self.model.eval()
+        loader = data.TokenLoader(*self.val_loader_args, seed=self.cfg.seed)  # the same batches every time
+        losses = []
+        for _ in range(self.cfg.eval_batches):
+            x, y = (t.to(self.device) for t in loader.next_batch())
+            with self.autocast():
+                losses.append(self.forward(x, y)[1].float().item())
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def train_step(self) -> float:
+        cfg = self.cfg
+        lr = learning_rate(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for _ in range(self.accum):
+            x, y = (t.to(self.device, non_blocking=True) for t in self.train_loader.next_batch())
+            with self.autocast():
+                _, loss = self.forward(x, y)
+            loss = loss / self.accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach().float()
+        total = float(total)
+        if not math.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.update()
+            return total
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def sample(self, prompt: str = "", tokens: Optional[int] = None) -> str:
+        from gpt2fast.tokenizer import Tokenizer
+
+        tok = Tokenizer.gpt2()
+        ids = tok.encode(prompt) if prompt else [tok.eot_token]
+        idx = torch.tensor([ids], device=self.device)
+        out = self.model.generate(idx, tokens or self.cfg.sample_tokens, temperature=0.8, top_k=100, seed=self.cfg.seed,
+                                  eot_token=tok.eot_token)
+        return tok.decode([i for i in out[0, len(ids):].tolist() if i != tok.eot_token])
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out_dir, self.model, self.optimizer, self.scaler, self.step, self.train_loader,
+                               self.cfg, self.cfg.keep_checkpoints)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        peak = peak_flops(self.device)
+        fpt = flops_per_token(self.model)
+        metrics_file = open(self.out_dir / "metrics.jsonl", "a" if cfg.resume else "w", encoding="utf-8")
+        self.log(f"training {cfg.model} ({self.model.num_params() / 1e6:.1f}M parameters) on {self.device} in "
+                 f"{str(self.dtype).replace('torch.', '')}, {self.tokens_per_step} tokens/step "
+                 f"({self.accum} micro-batch{'es' if self.accum > 1 else ''}); unigram entropy of the validation "
+                 f"text: {self.unigram:.3f} nats/token")
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=None)
+        started, bad, val_loss = time.perf_counter(), 0, None
+        try:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                loss = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                if not math.isfinite(loss):
+                    bad += 1
+                    warnings.warn(f"step {self.step}: the loss is {loss}; the step was skipped ({bad} in a row)")
+                    if bad >= cfg.max_bad_steps:
+                        raise RuntimeError(f"{bad} non-finite losses in a row at step {self.step}: lower --lr, "
+                                           f"raise --warmup_steps or check the data")
+                    continue
+                bad = 0
+                lr = learning_rate(self.step, cfg)
+                self.step += 1
+                tok_s = self.tokens_per_step / dt
+                mfu = tok_s * fpt / peak if peak else None
+                record = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tok_s,
+                          "mfu": mfu, "time": time.time()}
+                val_loss = None
+                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
+                    val_loss = self.evaluate()
+                    record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                self.history.append((self.step, loss, val_loss, lr))
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}",
+                                mfu="-" if mfu is None else f"{mfu:.1%}")
+                if val_loss is not None:
+                    bar.write(f"step {self.step}: val loss {val_loss:.3f} (unigram entropy {self.unigram:.3f})")
+                if cfg.sample_interval and self.step % cfg.sample_interval == 0:
+                    bar.write(f"sample: {self.sample()!r}")
+                if self.step % cfg.checkpoint_interval == 0:
+                    self.save()
+                if cfg.max_minutes and time.perf_counter() - started > cfg.max_minutes * 60:
+                    bar.write(f"stopping after {cfg.max_minutes} minutes (--max_minutes)")
+                    break
+        except KeyboardInterrupt:
+            bar.close()
+            path = self.save()
+            self.log(f"interrupted: saved {path}; continue with --resume")
+            raise
+        except torch.cuda.OutOfMemoryError:
+            raise RuntimeError(f"out of GPU memory at micro-batch {cfg.batch_size} x {cfg.block_size}: lower "
+                               f"--batch_size (keeping --tokens_per_step, which accumulates more micro-batches) or "
+                               f"turn on --gradient_checkpointing=true") from None
+        finally:
+            metrics_file.close()
+        bar.close()
+        if val_loss is None:
+            val_loss = self.evaluate()
+            self.history.append((self.step, self.history[-1][1] if self.history else float("nan"), val_loss,
+                                 learning_rate(self.step, cfg)))
+        path = self.save()
+        plot = self.plot()
+        return {"step": self.step, "val_loss": val_loss, "unigram_entropy": self.unigram, "checkpoint": str(path),
+                "plot": str(plot)}
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [h[0] for h in self.history]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        ax1.plot(steps, [h[1] for h in self.history], label="train", lw=1)
+        val = [(h[0], h[2]) for h in self.history if h[2] is not None]
+        if val:
+            ax1.plot(*zip(*val), "o-", label="validation")
+        ax1.axhline(self.unigram, color="gray", ls="--", label="unigram entropy")
+        ax1.set_xlabel("step")
+        ax1.set_ylabel("loss (nats/token)")
+        ax1.legend()
+        ax1.set_title("loss")
+        ax2.plot(steps, [h[3] for h in self.history])
+        ax2.set_xlabel("step")
+        ax2.set_title("learning rate")
+        fig.tight_layout()
+        path = self.out_dir / "loss.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return 0
+    try:
+        cfg = parse_args(argv)
+        trainer = Trainer(cfg)
+        result = trainer.run()
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    verdict = "below" if result["val_loss"] < result["unigram_entropy"] else "NOT below"
+    print(f"validation loss {result['val_loss']:.3f} nats/token after {result['step']} steps: {verdict} the unigram "
+          f"entropy {result['unigram_entropy']:.3f}")
+    print(f"checkpoint: {result['checkpoint']}\nloss curve: {result['plot']}")
+    print(f"sample: {trainer.sample()!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""gpt2fast.train: configuration, schedule, the training loop, checkpoints and exact resume (CPU)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from gpt2fast import data
+from gpt2fast.train import TrainConfig, Trainer, help_text, learning_rate, main, parse_args
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory, small_documents):
+    folder = tmp_path_factory.mktemp("corpus")
+    with open(folder / "docs.jsonl", "w", encoding="utf-8") as f:
+        for doc in small_documents[:25]:
+            f.write(json.dumps({"text": doc}) + "\n")
+    out = tmp_path_factory.mktemp("shards")
+    data.prepare([folder / "docs.jsonl"], out, data.PrepareOptions(val_fraction=0.2), log=lambda s: None)
+    return out
+
+
+def quick(tmp_path, shards, **overrides) -> TrainConfig:
+    settings = dict(data=str(shards), out_dir=str(tmp_path / "out"), block_size=32, batch_size=2, max_steps=6,
+                    max_minutes=0, eval_interval=3, eval_batches=2, checkpoint_interval=3, keep_checkpoints=5,
+                    warmup_steps=2, lr=3e-3, min_lr=3e-4, device="cpu")
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def metrics(out_dir) -> dict:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}
+
+
+# -------------------------------------------------------------------------------------------- config
+def test_command_line_overrides_and_types(tmp_path):
+    cfg = parse_args(["--lr=3e-4", "--batch_size", "4", "--compile", "--out_dir=x", "--preset=gpt2"])
+    assert cfg.lr == 3e-4 and cfg.batch_size == 4 and cfg.compile is True and cfg.out_dir == "x"
+    assert cfg.model == "gpt2" and cfg.tokens_per_step == 524_288  # from the preset
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"lr": 1, "max_steps": 7}))
+    cfg = parse_args([f"--config={config_file}", "--max_steps=9"])
+    assert cfg.lr == 1.0 and cfg.max_steps == 9
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--learning_rate=1"], "unknown setting 'learning_rate'"),
+    (["--batch_sise=2"], "did you mean --batch_size"),
+    (["--batch_size=two"], "--batch_size takes an integer, got 'two'"),
+    (["--compile=maybe"], "--compile takes true or false"),
+    (["--preset=gpt5"], "unknown --preset 'gpt5'"),
+    (["--min_lr=1", "--lr=0.1"], "min_lr <= lr"),
+    (["lr=1"], "settings are written --key=value"),
+])
+def test_bad_settings_are_clear_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(argv)
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"lr": "fast"}')
+    with pytest.raises(ValueError, match="lr should be float"):
+        parse_args([f"--config={bad}"])
+    bad.write_text('{"nope": 1}')
+    with pytest.raises(ValueError, match="unknown setting 'nope'"):
+        parse_args([f"--config={bad}"])
+
+
+def test_help_lists_every_key_with_its_default(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"--{name}=" in out, name
+    assert "--lr=0.002" in out and help_text() in out
+
+
+def test_learning_rate_warms_up_then_decays():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(60, cfg) == pytest.approx(0.55)
+    assert learning_rate(110, cfg) == pytest.approx(0.1)
+    assert all(learning_rate(s, cfg) >= learning_rate(s + 1, cfg) for s in range(10, 120))
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_training_lowers_the_loss_and_writes_everything(tmp_path, small_shards):
+    cfg = quick(tmp_path, small_shards, max_steps=30, eval_interval=10, batch_size=4)
+    result = Trainer(cfg, log=lambda s: None).run()
+    m = metrics(tmp_path / "out")
+    assert sorted(m) == list(range(1, 31))
+    assert m[30]["val_loss"] < m[10]["val_loss"] < math.log(50257)
+    assert (tmp_path / "out" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from gpt2fast.model import GPT2
+
+    reloaded = GPT2.from_pretrained(result["checkpoint"], backend="torch")
+    assert reloaded.config.block_size == 32
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, small_shards):
+    big = Trainer(quick(tmp_path / "a", small_shards, batch_size=4, max_steps=2), log=lambda s: None)
+    small = Trainer(quick(tmp_path / "b", small_shards, batch_size=2, tokens_per_step=128, max_steps=2),
+                    log=lambda s: None)
+    assert small.accum == 2
+    for _ in range(2):
+        assert small.train_step() == pytest.approx(big.train_step(), rel=1e-5)
+    for pa, pb in zip(big.model.parameters(), small.model.parameters()):
+        # Adam divides by the gradient's own scale, so summation-order noise on near-zero gradients shows
+        # up as (tiny) absolute differences after a step
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=5e-5)
+
+
+def test_resume_continues_exactly(tmp_path, small_shards):
+    whole = tmp_path / "whole"
+    Trainer(quick(whole, small_shards), log=lambda s: None).run()
+    expected = metrics(whole / "out")
+
+    part = tmp_path / "part"
+    Trainer(quick(part, small_shards), log=lambda s: None).run()
+    import shutil
+
+    shutil.rmtree(part / "out" / "ckpt_0000006")  # as if the run had died after step 3's checkpoint
+    resumed = Trainer(quick(part, small_shards, resume=True), log=lambda s: None)
+    assert resumed.step == 3
+    resumed.run()
+    got = metrics(part / "out")
+    for step in (4, 5, 6):
+        assert got[step]["loss"] == expected[step]["loss"], step
+
+
+def test_resume_refuses_another_model_shape(tmp_path, small_shards):
+    Trainer(quick(tmp_path, small_shards, max_steps=3), log=lambda s: None).run()
+    with pytest.raises(ValueError, match="model of another shape"):
+        Trainer(quick(tmp_path, small_shards, resume=True, block_size=64), log=lambda s: None)
+
+
+def test_non_finite_losses_are_skipped_then_stop(tmp_path, small_shards, monkeypatch):
+    trainer = Trainer(quick(tmp_path, small_shards, max_bad_steps=3), log=lambda s: None)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    monkeypatch.setattr(trainer, "train_step", lambda: float("nan"))
+    with pytest.warns(UserWarning, match="the loss is nan; the step was skipped"):
+        with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+            trainer.run()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_interrupt_saves_a_checkpoint(tmp_path, small_shards, monkeypatch):
+    trainer = Trainer(quick(tmp_path, small_shards), log=lambda s: None)
+    calls = {"n": 0}
+    real = trainer.train_step
+
+    def step_then_interrupt():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real()
+
+    monkeypatch.setattr(trainer, "train_step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert (tmp_path / "out" / "ckpt_0000002" / "model.safetensors").is_file()
+
+
+def test_data_problems_are_clear_errors_before_training(tmp_path, small_shards):
+    with pytest.raises(data.DataError, match="fewer than block_size"):
+        Trainer(quick(tmp_path, small_shards, block_size=100_000, model="gpt2"), log=lambda s: None)
+    from gpt2fast.model import GPT2, GPT2Config
+
+    GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=64, block_size=16, vocab_size=1000)).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="exceeds the model's context of 16"):
+        Trainer(quick(tmp_path, small_shards, init_from=str(tmp_path / "m")), log=lambda s: None)
+    with pytest.raises(ValueError, match="token ids beyond the model's vocabulary"):
+        Trainer(quick(tmp_path, small_shards, init_from=str(tmp_path / "m"), block_size=16), log=lambda s: None)
+    with pytest.raises(ValueError, match="not a multiple of batch_size x block_size"):
+        Trainer(quick(tmp_path, small_shards, tokens_per_step=100), log=lambda s: None)
