@@ -44,10 +44,10 @@ class TrainConfig:
     # optimisation
     batch_size: int = 8  # sequences per micro-batch (per process)
     tokens_per_step: int = 0  # tokens per optimizer step, all processes; 0: one micro-batch (GPT-2: 524288)
-    max_steps: int = 2000
-    max_minutes: float = 4.0  # stop (with a checkpoint) after this much training time; 0: no limit
-    lr: float = 2e-3  # peak learning rate
-    min_lr: float = 2e-4  # reached at max_steps by the cosine decay
+    max_steps: int = 300
+    max_minutes: float = 4.5  # stop (with a checkpoint) after this much training time; 0: no limit
+    lr: float = 1.5e-3  # peak learning rate
+    min_lr: float = 1.5e-4  # reached at max_steps by the cosine decay
     warmup_steps: int = 30
     weight_decay: float = 0.1  # on matrices only
     beta1: float = 0.9

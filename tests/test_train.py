@@ -75,7 +75,7 @@ def test_help_lists_every_key_with_its_default(capsys):
     out = capsys.readouterr().out
     for name in TrainConfig.__dataclass_fields__:
         assert f"--{name}=" in out, name
-    assert "--lr=0.002" in out and help_text() in out
+    assert "--lr=0.0015" in out and help_text() in out
 
 
 def test_learning_rate_warms_up_then_decays():
