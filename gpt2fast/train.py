@@ -12,6 +12,7 @@ corpus's unigram entropy, save a checkpoint and the loss curve under ./out/, and
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -65,6 +66,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the last K checkpoints are kept
     resume: bool = False  # continue from the latest checkpoint in out_dir
     max_bad_steps: int = 5  # consecutive non-finite losses before giving up
+    # several processes (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK): gradients averaged with DDP
 
     def __post_init__(self):
         positive = ("block_size", "batch_size", "max_steps", "eval_interval", "eval_batches", "checkpoint_interval",
@@ -288,21 +290,28 @@ class Trainer:
         from gpt2fast import data
         from gpt2fast.model import GPT2, GPT2Config
 
-        self.cfg, self.log = cfg, log
+        self.cfg = cfg
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.is_main = self.rank == 0
+        self.log = log if self.is_main else (lambda s: None)
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
                                    else cfg.device)
+        if self.world > 1:
+            self._init_distributed()
         self.dtype = pick_dtype(cfg, self.device)
         torch.manual_seed(cfg.seed)
 
         data_dir = Path(cfg.data) if cfg.data else self.out_dir / "data"
         if not cfg.data:  # the packaged corpus, prepared once; rebuilt if the package changed under it
             options = data.PrepareOptions(val_fraction=0.05)
-            try:
-                data.prepare([], data_dir, options, log=lambda s: None)
-            except data.DataError:
-                data.prepare([], data_dir, options, force=True, log=lambda s: None)
+            if self.is_main:
+                try:
+                    data.prepare([], data_dir, options, log=lambda s: None)
+                except data.DataError:
+                    data.prepare([], data_dir, options, force=True, log=lambda s: None)
+            self._barrier()
         manifest = data.read_manifest(data_dir)
         self.data_dir = data_dir
 
@@ -322,24 +331,57 @@ class Trainer:
             raise ValueError(f"the data in {data_dir} was tokenized with a vocabulary of {data_vocab} tokens, but the "
                              f"model predicts only {mc.vocab_size}: token ids beyond the model's vocabulary")
         self.model.to(self.device)
-        self.train_loader = data.TokenLoader(data_dir, "train", cfg.batch_size, cfg.block_size, seed=cfg.seed)
-        self.val_loader_args = (data_dir, "val", cfg.batch_size, cfg.block_size)
+        self.train_loader = data.TokenLoader(data_dir, "train", cfg.batch_size, cfg.block_size, seed=cfg.seed,
+                                             rank=self.rank, world_size=self.world)
+        # validation on the global batch, the same on every process, so it does not depend on the process count
+        self.val_loader_args = (data_dir, "val", cfg.batch_size * self.world, cfg.block_size)
         data.TokenLoader(*self.val_loader_args, seed=cfg.seed)  # fails early if val is too short
         self.unigram = data.unigram_entropy(data_dir, "val")
 
-        micro_tokens = cfg.batch_size * cfg.block_size
+        micro_tokens = cfg.batch_size * cfg.block_size * self.world
         target = cfg.tokens_per_step or micro_tokens
         if target % micro_tokens:
-            raise ValueError(f"--tokens_per_step={target} is not a multiple of batch_size x block_size = {micro_tokens}")
+            raise ValueError(f"--tokens_per_step={target} is not a multiple of batch_size x block_size x processes "
+                             f"= {micro_tokens}")
         self.accum = target // micro_tokens
         self.tokens_per_step = target
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.step = 0
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.wrapped = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(self.model, device_ids=ids)
+        self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.history = []  # (step, train loss, val loss or None, lr)
         if cfg.resume:
             self._resume()
+
+    def _init_distributed(self):
+        import torch.distributed as dist
+
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def _barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _mean_over_processes(self, value: torch.Tensor) -> float:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.world
+        return float(value)
 
     def _resume(self):
         from gpt2fast.model import GPT2
@@ -380,10 +422,10 @@ class Trainer:
         self.model.eval()
         loader = data.TokenLoader(*self.val_loader_args, seed=self.cfg.seed)  # the same batches every time
         losses = []
-        for _ in range(self.cfg.eval_batches):
+        for _ in range(self.cfg.eval_batches):  # every process the same batches: no communication
             x, y = (t.to(self.device) for t in loader.next_batch())
             with self.autocast():
-                losses.append(self.forward(x, y)[1].float().item())
+                losses.append(self.model(x, y)[1].float().item())
         self.model.train()
         return sum(losses) / len(losses)
 
@@ -392,15 +434,18 @@ class Trainer:
         lr = learning_rate(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = 0.0
-        for _ in range(self.accum):
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
             x, y = (t.to(self.device, non_blocking=True) for t in self.train_loader.next_batch())
-            with self.autocast():
-                _, loss = self.forward(x, y)
-            loss = loss / self.accum
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            # gradients are averaged across processes only on the last micro-batch of the step
+            sync = micro == self.accum - 1 or self.world == 1
+            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+                with self.autocast():
+                    _, loss = self.forward(x, y)
+                loss = loss / self.accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach().float()
-        total = float(total)
+        total = self._mean_over_processes(total)
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler:
@@ -428,7 +473,9 @@ class Trainer:
                                   eot_token=tok.eot_token)
         return tok.decode([i for i in out[0, len(ids):].tolist() if i != tok.eot_token])
 
-    def save(self) -> Path:
+    def save(self) -> Optional[Path]:
+        if not self.is_main:
+            return None
         return save_checkpoint(self.out_dir, self.model, self.optimizer, self.scaler, self.step, self.train_loader,
                                self.cfg, self.cfg.keep_checkpoints)
 
@@ -436,7 +483,8 @@ class Trainer:
         cfg = self.cfg
         peak = peak_flops(self.device)
         fpt = flops_per_token(self.model)
-        metrics_file = open(self.out_dir / "metrics.jsonl", "a" if cfg.resume else "w", encoding="utf-8")
+        metrics_file = open(self.out_dir / "metrics.jsonl", "a" if cfg.resume else "w", encoding="utf-8") \
+            if self.is_main else open(os.devnull, "w")
         self.log(f"training {cfg.model} ({self.model.num_params() / 1e6:.1f}M parameters) on {self.device} in "
                  f"{str(self.dtype).replace('torch.', '')}, {self.tokens_per_step} tokens/step "
                  f"({self.accum} micro-batch{'es' if self.accum > 1 else ''}); unigram entropy of the validation "
@@ -444,7 +492,7 @@ class Trainer:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=None)
+                   disable=None if self.is_main else True)
         started, bad, val_loss = time.perf_counter(), 0, None
         try:
             while self.step < cfg.max_steps:
@@ -477,14 +525,17 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}",
                                 mfu="-" if mfu is None else f"{mfu:.1%}")
-                if val_loss is not None:
+                if val_loss is not None and self.is_main:
                     bar.write(f"step {self.step}: val loss {val_loss:.3f} (unigram entropy {self.unigram:.3f})")
-                if cfg.sample_interval and self.step % cfg.sample_interval == 0:
+                if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.is_main:
                     bar.write(f"sample: {self.sample()!r}")
                 if self.step % cfg.checkpoint_interval == 0:
                     self.save()
-                if cfg.max_minutes and time.perf_counter() - started > cfg.max_minutes * 60:
-                    bar.write(f"stopping after {cfg.max_minutes} minutes (--max_minutes)")
+                out_of_time = cfg.max_minutes and time.perf_counter() - started > cfg.max_minutes * 60
+                if self.world > 1:  # every process must stop at the same step
+                    out_of_time = self._mean_over_processes(torch.tensor(float(bool(out_of_time)))) > 0
+                if out_of_time:
+                    self.log(f"stopping after {cfg.max_minutes} minutes (--max_minutes)")
                     break
         except KeyboardInterrupt:
             bar.close()
@@ -503,7 +554,7 @@ class Trainer:
             self.history.append((self.step, self.history[-1][1] if self.history else float("nan"), val_loss,
                                  learning_rate(self.step, cfg)))
         path = self.save()
-        plot = self.plot()
+        plot = self.plot() if self.is_main else None
         return {"step": self.step, "val_loss": val_loss, "unigram_entropy": self.unigram, "checkpoint": str(path),
                 "plot": str(plot)}
 
@@ -548,6 +599,13 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if not trainer.is_main:
+        return 0
     verdict = "below" if result["val_loss"] < result["unigram_entropy"] else "NOT below"
     print(f"validation loss {result['val_loss']:.3f} nats/token after {result['step']} steps: {verdict} the unigram "
           f"entropy {result['unigram_entropy']:.3f}")

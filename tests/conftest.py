@@ -77,3 +77,17 @@ def cpu_without_interpreter(monkeypatch):
 
     monkeypatch.setattr(_dispatch, "triton_interpreting", lambda: False)
     monkeypatch.setattr(_dispatch, "_warned", set())
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory, small_documents):
+    """Shards of 25 Moby-Dick chapters (a fifth held out for validation), prepared once per session."""
+    from gpt2fast import data
+
+    folder = tmp_path_factory.mktemp("corpus")
+    with open(folder / "docs.jsonl", "w", encoding="utf-8") as f:
+        for doc in small_documents[:25]:
+            f.write(json.dumps({"text": doc}) + "\n")
+    out = tmp_path_factory.mktemp("shards")
+    data.prepare([folder / "docs.jsonl"], out, data.PrepareOptions(val_fraction=0.2), log=lambda s: None)
+    return out

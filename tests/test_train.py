@@ -11,17 +11,6 @@ from gpt2fast import data
 from gpt2fast.train import TrainConfig, Trainer, help_text, learning_rate, main, parse_args
 
 
-@pytest.fixture(scope="session")
-def small_shards(tmp_path_factory, small_documents):
-    folder = tmp_path_factory.mktemp("corpus")
-    with open(folder / "docs.jsonl", "w", encoding="utf-8") as f:
-        for doc in small_documents[:25]:
-            f.write(json.dumps({"text": doc}) + "\n")
-    out = tmp_path_factory.mktemp("shards")
-    data.prepare([folder / "docs.jsonl"], out, data.PrepareOptions(val_fraction=0.2), log=lambda s: None)
-    return out
-
-
 def quick(tmp_path, shards, **overrides) -> TrainConfig:
     settings = dict(data=str(shards), out_dir=str(tmp_path / "out"), block_size=32, batch_size=2, max_steps=6,
                     max_minutes=0, eval_interval=3, eval_batches=2, checkpoint_interval=3, keep_checkpoints=5,
