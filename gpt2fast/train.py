@@ -66,7 +66,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the last K checkpoints are kept
     resume: bool = False  # continue from the latest checkpoint in out_dir
     max_bad_steps: int = 5  # consecutive non-finite losses before giving up
-    # several processes (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK): gradients averaged with DDP
+    # several processes (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK): DDP, or with fsdp=true FSDP, which shards
+    # parameters, gradients and optimizer state across the processes (for models that don't fit one GPU)
+    fsdp: bool = False
 
     def __post_init__(self):
         positive = ("block_size", "batch_size", "max_steps", "eval_interval", "eval_batches", "checkpoint_interval",
@@ -265,14 +267,15 @@ def checkpoint_dirs(out_dir: Path) -> list:
     return sorted(p for p in out_dir.glob("ckpt_*") if p.is_dir() and (p / "trainer_state.pt").is_file())
 
 
-def save_checkpoint(out_dir: Path, model, optimizer, scaler, step: int, loader, cfg: TrainConfig, keep: int) -> Path:
+def save_checkpoint(out_dir: Path, model, optimizer, scaler, step: int, loader, cfg: TrainConfig, keep: int,
+                    optimizer_state: Optional[dict] = None) -> Path:
     """Weights as safetensors (loadable by GPT2.from_pretrained) plus the trainer's state, written into a
     temporary folder and renamed, so a crash never leaves a half-written checkpoint; the last ``keep`` stay."""
     final = out_dir / f"ckpt_{step:07d}"
     tmp = out_dir / f".tmp_ckpt_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+    state = {"step": step, "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
              "loader": loader.state_dict(), "rng": _rng_state(), "config": dataclasses.asdict(cfg),
              "model_config": dataclasses.asdict(model.config)}
     torch.save(state, tmp / "trainer_state.pt")
@@ -345,15 +348,22 @@ class Trainer:
                              f"= {micro_tokens}")
         self.accum = target // micro_tokens
         self.tokens_per_step = target
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
-        self.step = 0
+        self.fsdp = cfg.fsdp and self.world > 1
         self.wrapped = self.model
-        if self.world > 1:
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.model.transformer.h:
+                fully_shard(block)
+            fully_shard(self.model)
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.step = 0
         self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.history = []  # (step, train loss, val loss or None, lr)
         if cfg.resume:
@@ -395,8 +405,14 @@ class Trainer:
             raise ValueError(f"--resume: {path} holds a model of another shape ({state['model_config']}) than "
                              f"this run's ({dataclasses.asdict(self.model.config)})")
         loaded = GPT2.from_pretrained(path, backend="torch")
-        self.model.load_state_dict(loaded.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.model, self.optimizer, model_state_dict=loaded.state_dict(),
+                           optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(loaded.state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["loader"])
@@ -439,7 +455,9 @@ class Trainer:
             x, y = (t.to(self.device, non_blocking=True) for t in self.train_loader.next_batch())
             # gradients are averaged across processes only on the last micro-batch of the step
             sync = micro == self.accum - 1 or self.world == 1
-            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or self.fsdp else self.wrapped.no_sync():
                 with self.autocast():
                     _, loss = self.forward(x, y)
                 loss = loss / self.accum
@@ -474,10 +492,22 @@ class Trainer:
         return tok.decode([i for i in out[0, len(ids):].tolist() if i != tok.eot_token])
 
     def save(self) -> Optional[Path]:
+        """On the main process; under FSDP every process must call it (the shards are gathered first)."""
+        model, optimizer_state = self.model, None
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            from gpt2fast.model import GPT2
+
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=full)
+            if self.is_main:
+                model = GPT2(self.model.config, backend="torch")
+                model.load_state_dict(model_state)
         if not self.is_main:
             return None
-        return save_checkpoint(self.out_dir, self.model, self.optimizer, self.scaler, self.step, self.train_loader,
-                               self.cfg, self.cfg.keep_checkpoints)
+        return save_checkpoint(self.out_dir, model, self.optimizer, self.scaler, self.step, self.train_loader,
+                               self.cfg, self.cfg.keep_checkpoints, optimizer_state=optimizer_state)
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -527,7 +557,7 @@ class Trainer:
                                 mfu="-" if mfu is None else f"{mfu:.1%}")
                 if val_loss is not None and self.is_main:
                     bar.write(f"step {self.step}: val loss {val_loss:.3f} (unigram entropy {self.unigram:.3f})")
-                if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.is_main:
+                if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.is_main and not self.fsdp:
                     bar.write(f"sample: {self.sample()!r}")
                 if self.step % cfg.checkpoint_interval == 0:
                     self.save()
@@ -610,7 +640,10 @@ def main(argv=None) -> int:
     print(f"validation loss {result['val_loss']:.3f} nats/token after {result['step']} steps: {verdict} the unigram "
           f"entropy {result['unigram_entropy']:.3f}")
     print(f"checkpoint: {result['checkpoint']}\nloss curve: {result['plot']}")
-    print(f"sample: {trainer.sample()!r}")
+    if trainer.fsdp:
+        print(f"sample: python -m gpt2fast.generate --checkpoint {result['checkpoint']}")
+    else:
+        print(f"sample: {trainer.sample()!r}")
     return 0
 
 
