@@ -205,7 +205,7 @@ def help_text() -> str:
 
 
 # ----------------------------------------------------------------------------------------- helpers
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12}
+from gpt2fast.compute import GPU_PEAK_FLOPS  # noqa: E402  (one table, shared with the compute estimator)
 
 
 def peak_flops(device: torch.device) -> Optional[float]:

@@ -1,0 +1,87 @@
+"""gpt2fast.compute: FLOPs, time, memory and the command line (no GPU needed)."""
+from __future__ import annotations
+
+import pytest
+
+from gpt2fast import compute
+from gpt2fast.compute import Shape, estimate, flops_per_token, main, static_memory
+
+
+def test_gpt2_xl_10b_tokens_is_about_9e19_flops():
+    e = estimate(Shape.from_preset("gpt2-xl"), 10e9, "a100", 8)
+    assert e.flops_6nd == pytest.approx(9e19, rel=0.05)
+    assert e.flops_exact > e.flops_6nd  # the attention term
+    assert e.wall_hours == pytest.approx(e.gpu_hours / 8)
+    assert e.gpu_hours == pytest.approx(e.flops_exact / (312e12 * 0.4) / 3600)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "gpt2"])
+def test_parameter_and_flop_counts_match_the_model(preset):
+    from gpt2fast.model import GPT2, GPT2Config
+    from gpt2fast.train import flops_per_token as trainer_flops
+
+    model = GPT2(GPT2Config.preset(preset))
+    shape = Shape.from_config(model.config)
+    assert shape.num_params() == model.num_params()
+    assert shape.num_params(non_embedding=True) == model.num_params(non_embedding=True)
+    assert flops_per_token(shape)["exact"] == trainer_flops(model)
+
+
+def test_gpt2_124m_mixed_precision_state_is_16_bytes_per_param():
+    n = Shape.from_preset("gpt2").num_params()
+    assert 124e6 < n < 125e6
+    mem = static_memory(n, mixed_precision=True)
+    assert mem["total"] == 16 * n and mem["total"] == pytest.approx(2.0e9, rel=0.01)
+    assert static_memory(n, mixed_precision=False)["total"] == 16 * n
+
+
+def test_checkpointing_saves_activation_memory_and_fits_more():
+    shape = Shape.from_preset("gpt2-xl")
+    assert compute.activation_bytes_per_sequence(shape, True) < compute.activation_bytes_per_sequence(shape, False)
+    plain = compute.max_micro_batch(shape, 80e9, checkpointing=False)
+    assert 0 < plain < compute.max_micro_batch(shape, 80e9, checkpointing=True)
+    assert compute.max_micro_batch(Shape(96, 12288, 96), 80e9, False) == 0  # GPT-3 175B: not on one GPU
+
+
+def test_chinchilla_budget():
+    e = estimate(Shape.from_preset("gpt2"), 1e9)
+    assert e.chinchilla_tokens == 20 * e.n_params
+    assert e.chinchilla_flops == pytest.approx(6 * e.n_params * 20 * e.n_params)
+
+
+def test_cli_prints_the_figures(capsys, tmp_path):
+    png = tmp_path / "c.png"
+    assert main(["--model", "gpt2-xl", "--tokens", "10e9", "--gpu", "a100", "--gpus", "8", "--price", "2",
+                 "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    for text in ("1,557,611,200", "9.346e+19", "GPU-hours", "cost $", "fits one A100", "Chinchilla",
+                 "16 bytes/param", "largest micro-batch"):
+        assert text in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_custom_shape(capsys):
+    assert main(["--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--vocab", "1000", "--seq", "128",
+                 "--tokens", "1e6", "--gpu", "h100"]) == 0
+    assert "n_layer=2 n_embd=64 n_head=2 vocab=1000 seq=128" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", "1e9", "--gpu", "tpu"], "unknown GPU 'tpu'"),
+    (["--tokens", "1e9", "--gpu", "v1000"], "unknown GPU"),
+    (["--tokens", "1e9", "--model", "gpt5"], "unknown model 'gpt5'"),
+    (["--tokens", "1e9", "--mfu", "1.5"], "--mfu"),
+    (["--tokens", "0"], "--tokens"),
+    (["--tokens", "1e9", "--n-layer", "2", "--n-embd", "65", "--n-head", "2"], "not divisible"),
+])
+def test_bad_input_is_a_clear_error(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_uses_the_same_peak_table():
+    from gpt2fast import train
+
+    assert train.GPU_PEAK_FLOPS is compute.GPU_PEAK_FLOPS
+    assert compute.GPU_PEAK_FLOPS["V100"] == 125e12 and compute.GPU_PEAK_FLOPS["A100"] == 312e12
+    assert compute.GPU_PEAK_FLOPS["H100"] == 989e12
