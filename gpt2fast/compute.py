@@ -33,7 +33,6 @@ Formulas (C = n_embd, L = n_layer, T = sequence length, V = vocabulary, N = para
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 from typing import Optional

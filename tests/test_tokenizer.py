@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import random
-import sys
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

@@ -2,7 +2,6 @@
 the same global batch."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 
