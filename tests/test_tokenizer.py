@@ -153,6 +153,17 @@ def test_concurrent_callers_get_their_own_results(tok, small_documents):
     assert batches == [expected[:20], expected[20:], expected]
 
 
+def test_concurrent_batches_never_see_each_others_buffers(tok, small_documents):
+    # A batch reads its ids out of the pool's per-thread buffers after the workers finish; the next batch
+    # must not start refilling those buffers before then.
+    parts = [small_documents[i:i + 12] for i in range(0, 96, 12)]
+    expected = [[tok.encode_ordinary(d) for d in part] for part in parts]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(10):
+            got = list(pool.map(lambda part: tok.encode_ordinary_batch(part, num_threads=2), parts))
+            assert got == expected
+
+
 # ---------------------------------------------------------------------------------- special tokens
 def test_special_token_text_is_an_error_by_default(tok):
     with pytest.raises(ValueError) as e:

@@ -154,9 +154,13 @@ class WorkerPool {
     return *pool;
   }
 
-  // Runs fn(i) for i in [0, n_items) on n_threads threads (the caller's among them); rethrows the first error.
+  // Held by a caller from before run() until it has read its results out of the workers' buffers: the
+  // next batch reuses those buffers.
+  std::mutex& batch_mutex() { return batch_mutex_; }
+
+  // Runs fn(i) for i in [0, n_items) on n_threads threads (the caller's among them); rethrows the first
+  // error. The caller must hold batch_mutex().
   void run(std::size_t n_items, unsigned n_threads, const std::function<void(std::size_t)>& fn) {
-    std::lock_guard<std::mutex> one_batch_at_a_time(run_mutex_);
     std::atomic<std::size_t> next{0};
     std::atomic<bool> failed{false};
     std::exception_ptr error;
@@ -202,7 +206,7 @@ class WorkerPool {
     }
   }
 
-  std::mutex run_mutex_, mutex_;
+  std::mutex batch_mutex_, mutex_;
   std::condition_variable wake_, done_;
   std::vector<std::thread> workers_;
   std::function<void()> task_;
@@ -263,8 +267,10 @@ class CoreBPE {
     const unsigned threads = resolve_threads(num_threads, views.size());
     const std::uint64_t batch = next_batch_id();
     WorkerPool& pool = WorkerPool::instance();
+    std::unique_lock<std::mutex> batch_lock(pool.batch_mutex(), std::defer_lock);
     {
-      py::gil_scoped_release nogil;
+      py::gil_scoped_release nogil;  // never wait for another batch while holding the GIL
+      batch_lock.lock();
       pool.run(views.size(), threads, [&](std::size_t i) {
         OutputBuffer& buf = OutputBuffer::for_batch(batch);
         const std::size_t before = buf.ids.size();
