@@ -9,6 +9,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "Tokenizer": ("gpt2fast.tokenizer", "Tokenizer"),
     "StreamDecoder": ("gpt2fast.tokenizer", "StreamDecoder"),
+    "GPT2": ("gpt2fast.model", "GPT2"),
+    "GPT2Config": ("gpt2fast.model", "GPT2Config"),
 }
 
 __all__ = sorted(_LAZY)

@@ -42,6 +42,12 @@ def test_presets_have_gpt2s_parameter_counts(name, n_params):
     assert model.lm_head.weight is model.transformer.wte.weight  # tied
 
 
+def test_package_exports_the_model_lazily():
+    import gpt2fast
+
+    assert gpt2fast.GPT2 is GPT2 and gpt2fast.GPT2Config is GPT2Config
+
+
 def test_small_presets_exist_and_build():
     for name in ("gpt2-mini", "gpt2-tiny"):
         model = GPT2(GPT2Config.preset(name), backend="torch")
