@@ -9,8 +9,12 @@ the repository root; without it, the Moby-Dick copy shipped in ``gpt2fast/assets
 
 Every comparison is one pytest-benchmark group holding our implementation ("ours") and a peer ("peer").
 The ``measure`` fixture runs a function under the ``benchmark`` fixture, writes MB/s (or MB) into
-``benchmark.extra_info`` and records the figure in ``RESULTS``, from which ``pytest_terminal_summary``
-prints one table at the end of the session: group, ours, peer, ratio (> 1: ours is better), goal.
+``benchmark.extra_info`` and records the figure (``bench_results.record``; the GPU suites record theirs
+through ``gpu_timing``). At the end of the session ``pytest_terminal_summary`` prints one table for every
+suite that ran: benchmark, ours, peer, ratio (> 1: ours is better), goal, met, and for GPU figures the share
+of the GPU's peak and of the ceiling measured on the spot; and writes the rows as JSON to
+``--gpt2fast-json=PATH``, else ``$GPT2FAST_BENCH_JSON``, else ``.benchmarks/gpt2fast-results.json`` (render
+it with ``python -m gpt2fast.bench report PATH``).
 """
 from __future__ import annotations
 
@@ -27,6 +31,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pytest
+
+# Figures and rows live in bench_results (shared with the GPU suites' gpu_timing); the row and JSON format,
+# and the Markdown/PNG report, in gpt2fast.bench.
+import bench_results
+from bench_results import NOTES, SESSION, Figure, record
+from gpt2fast.bench import text_table
 
 QUICK = os.environ.get("GPT2FAST_BENCH_QUICK", "") not in ("", "0")
 
@@ -217,40 +227,11 @@ def pytest_generate_tests(metafunc):
 
 
 # --------------------------------------------------------------------------------- results + summary
-@dataclass
-class Figure:
-    impl: str
-    value: float
-    unit: str  # "MB/s" or "MiB"
-    higher_is_better: bool = True
-    seconds: Optional[float] = None  # shown beside the rate when set
-    tokens: Optional[int] = None  # size of the output, compared between ours and the peer
-
-    def __str__(self) -> str:
-        text = f"{self.value:.1f} {self.unit}"
-        if self.seconds is not None:
-            text += f" ({self.seconds:.2f} s)"
-        return f"{text} {self.impl}" if self.impl != "gpt2fast" else text
-
-
-@dataclass
-class Row:
-    ours: Optional[Figure] = None
-    peer: Optional[Figure] = None
-    goal: Optional[float] = None  # the ratio ours must reach (> 1: ours better by that factor)
-
-    @property
-    def ratio(self) -> Optional[float]:
-        if self.ours is None or self.peer is None:
-            return None
-        if self.ours.higher_is_better:
-            return self.ours.value / self.peer.value
-        return self.peer.value / self.ours.value
-
-
-RESULTS: Dict[str, Row] = {}  # benchmark group -> ours and peer
-NOTES: List[str] = []  # free-form lines for the summary (linear-time ratios, memory detail, ...)
-SESSION = {"corpus": None, "timing": None}  # descriptions for the summary header
+def pytest_addoption(parser):
+    parser.addoption("--gpt2fast-json", metavar="PATH", default=None,
+                     help=f"where to write the benchmark results JSON (default: ${bench_results.JSON_ENV}, "
+                          f"else {os.path.relpath(bench_results.DEFAULT_JSON, REPO_ROOT)}); render it with "
+                          "`python -m gpt2fast.bench report PATH`")
 
 
 class Measure:
@@ -332,13 +313,6 @@ def measure(benchmark) -> Measure:
     return Measure(benchmark)
 
 
-def record(group: str, role: str, figure: Figure, goal: Optional[float] = None) -> None:
-    row = RESULTS.setdefault(group, Row())
-    setattr(row, role, figure)
-    if goal is not None:
-        row.goal = goal
-
-
 _RSS_SCRIPT = """
 import json, os
 def rss():
@@ -363,31 +337,32 @@ def rss_of_subprocess(import_code: str, load_code: str) -> Dict[str, int]:
 
 
 def _summary_lines() -> List[str]:
-    table, mismatches = [("group", "ours", "peer", "ratio", "goal", "met")], []
-    for group, row in RESULTS.items():
-        ratio = row.ratio
-        met = "" if row.goal is None or ratio is None else ("yes" if ratio >= row.goal else "NO")
-        table.append((group, str(row.ours or "-"), str(row.peer or "-"),
-                      "-" if ratio is None else f"{ratio:.2f}x",
-                      "-" if row.goal is None else f">= {row.goal:g}x", met))
-        if row.ours and row.peer and None not in (row.ours.tokens, row.peer.tokens) \
-                and row.ours.tokens != row.peer.tokens:
-            mismatches.append(f"MISMATCH in {group!r}: {row.ours.tokens} tokens from ours, "
-                              f"{row.peer.tokens} from {row.peer.impl}")
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines + mismatches + NOTES
+    all_rows = bench_results.rows()
+    mismatches = [f"MISMATCH in {row.benchmark!r}: {row.ours.tokens} tokens from ours, "
+                  f"{row.peer.tokens} from {row.peer.impl}"
+                  for row in all_rows if row.ours and row.peer and None not in (row.ours.tokens, row.peer.tokens)
+                  and row.ours.tokens != row.peer.tokens]
+    return text_table(all_rows) + mismatches + NOTES
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not RESULTS:
+    if not bench_results.GROUPS:
         return
     tr = terminalreporter
-    tr.write_sep("=", "gpt2fast tokenizer: ours vs peer")
-    tr.write_line(f"mode: {'quick' if QUICK else 'full'}; {N_CPUS} CPU(s); corpus: {SESSION['corpus'] or '-'}")
-    tr.write_line(f"timings: {SESSION['timing']}; ratio > 1 means ours is better "
-                  "(faster, or less memory)")
+    tr.write_sep("=", "gpt2fast benchmarks: ours vs peer")
+    gpu = SESSION["gpu"] or "none"
+    tr.write_line(f"mode: {'quick' if QUICK else 'full'}; {N_CPUS} CPU(s); GPU: {gpu}; "
+                  f"corpus: {SESSION['corpus'] or '-'}")
+    if SESSION["measured_ceilings"]:
+        tr.write_line("measured ceilings: " + ", ".join(f"{k} {v}" for k, v in SESSION["measured_ceilings"].items()))
+    timings = "; ".join(t for t in (SESSION["timing"], SESSION["gpu_timing"]) if t) or "-"
+    tr.write_line(f"timings: {timings}; ratio > 1 means ours is better (faster, or less memory)")
     for line in _summary_lines():
         tr.write_line(line)
+    path = bench_results.json_path(config.getoption("--gpt2fast-json", default=None))
+    try:
+        tr.write_line(f"results JSON: {bench_results.write_json(path, QUICK)} "
+                      f"(render: python -m gpt2fast.bench report {path})")
+    except OSError as e:  # an unwritable path must not hide the table above
+        tr.write_line(f"results JSON NOT written to {path}: {e}")

@@ -1,6 +1,6 @@
-"""Attention benchmarks on the GPU: gpt2fast.ops.attention (Triton, flash style) against PyTorch's
-``F.scaled_dot_product_attention(is_causal=True)`` (flash / cuDNN / memory-efficient, whichever it picks), in
-the same run.
+"""Attention benchmarks on the GPU: gpt2fast.ops.attention, ours (triton, flash style) and ours (cuda), against
+PyTorch's ``F.scaled_dot_product_attention(is_causal=True)`` (flash / cuDNN / memory-efficient, whichever it
+picks), in the same run. SDPA is the peer: torch.compile of it calls the same kernels.
 
     pytest benchmarks/test_bench_ops_attention.py --benchmark-only -s
 
@@ -10,13 +10,16 @@ forward, 0.456 ms forward + backward at B16 H12 T1024).
 
 FLOPs counted as flash-attention does: a causal forward is two T x T x D matmuls over half the square,
 4 * B * H * T^2 * D / 2; the backward is 2.5x the forward (five matmuls to the forward's two). TFLOP/s and the
-share of the GPU's dense bf16 peak (H100 989, A100 312, V100 125) come from ``gpu_timing.report``. Times are
+shares of the detected GPU's dense bf16 peak, of the V100/A100/H100 peaks and of a bf16 matmul measured on the
+spot come from ``gpu_timing.report``; each comparison is a row of the end-of-session summary. Times are
 medians of CUDA-event-timed calls with L2 flushed in between (``gpu_timing.time_cuda``); the first call of
 each shape runs the autotuner and is not timed. Figures land in each benchmark's ``extra_info`` and are
-printed (``-s``). Nothing here asserts a speed; the only asserts check that what is timed agrees with SDPA.
+printed (``-s``). ours (cuda) is skipped, with the reason, where the CUDA C++ ops are not built or do not
+cover attention. Nothing here asserts a speed; the only asserts check that what is timed agrees with SDPA.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
@@ -27,7 +30,8 @@ if not torch.cuda.is_available():
     pytest.skip("GPU benchmarks: CUDA is not available (the attention kernels are timed on a GPU)",
                 allow_module_level=True)
 
-from gpu_timing import report, run_benchmark, time_cuda  # noqa: E402
+from gpu_timing import (OURS_BACKENDS, first_call, measure_once, record_figures, report,  # noqa: E402
+                        require_backend, run_benchmark, time_cuda)
 
 from gpt2fast.ops import attention  # noqa: E402
 
@@ -54,8 +58,14 @@ def inputs(request):
     return request.param, q, k, v, do
 
 
-def ours(q, k, v):
-    return attention(q, k, v, causal=True, backend="triton")
+@pytest.fixture(params=OURS_BACKENDS)
+def backend(request) -> str:
+    require_backend(request.param)
+    return request.param
+
+
+def ours(q, k, v, backend="triton"):
+    return attention(q, k, v, causal=True, backend=backend)
 
 
 def sdpa(q, k, v):
@@ -77,51 +87,60 @@ def _best_configs() -> dict:
     return found
 
 
-def _compare(benchmark, label, shape, ours_fn, sdpa_fn, flops):
-    results = {"ours": report(None, f"{label} ours (triton)", time_cuda(ours_fn, WARMUP, ITERS), flops=flops),
-               "sdpa": report(None, f"{label} F.scaled_dot_product_attention", time_cuda(sdpa_fn, WARMUP, ITERS),
-                              flops=flops)}
+def _compare(benchmark, label, shape, backend, ours_fn, sdpa_fn, flops):
+    group = f"attention {label} {_shape_id(shape)}"
+    impl = f"ours ({backend})"
+    results = {"ours": report(None, f"{label} {impl}", time_cuda(ours_fn, WARMUP, ITERS), flops=flops),
+               "sdpa": measure_once((group, "sdpa"), lambda: report(
+                   None, f"{label} F.scaled_dot_product_attention", time_cuda(sdpa_fn, WARMUP, ITERS), flops=flops))}
+    record_figures(group, "ours", impl, results["ours"], suite="attention", goal=GOAL)
+    record_figures(group, "peer", "SDPA", results["sdpa"], suite="attention")
     speedup = results["sdpa"]["ms"] / results["ours"]["ms"]
-    print(f"{label} {_shape_id(shape)} bf16 causal: ours {results['ours']['ms']:.3f} ms vs SDPA "
+    tiles = _best_configs() if backend == "triton" else {}
+    print(f"{label} {_shape_id(shape)} bf16 causal: {impl} {results['ours']['ms']:.3f} ms vs SDPA "
           f"{results['sdpa']['ms']:.3f} ms = {speedup:.2f}x (goal >= {GOAL:g}x: "
-          f"{'met' if speedup >= GOAL else 'NOT met'}); tiles: {_best_configs()}")
-    benchmark.group = f"attention {label} {_shape_id(shape)}"
-    benchmark.extra_info.update({f"{impl}_{k}": v for impl, figs in results.items() for k, v in figs.items()})
-    benchmark.extra_info.update(speedup_vs_sdpa=round(speedup, 3), goal=GOAL, tiles=_best_configs())
+          f"{'met' if speedup >= GOAL else 'NOT met'})" + (f"; tiles: {tiles}" if tiles else ""))
+    benchmark.group = group
+    benchmark.extra_info.update({f"{who}_{k}": v for who, figs in results.items() for k, v in figs.items()})
+    benchmark.extra_info.update(backend=backend, speedup_vs_sdpa=round(speedup, 3), goal=GOAL, tiles=tiles)
     run_benchmark(benchmark, ours_fn)
 
 
-def test_forward(benchmark, inputs):
+def test_forward(benchmark, inputs, backend):
     shape, q, k, v, _ = inputs
     with torch.no_grad():
-        torch.testing.assert_close(ours(q, k, v), sdpa(q, k, v), rtol=2e-2, atol=2e-2)  # also autotunes
+        out = first_call(backend, lambda: ours(q, k, v, backend))  # also autotunes
+        torch.testing.assert_close(out, sdpa(q, k, v), rtol=2e-2, atol=2e-2)
+    del out
     flops = causal_forward_flops(*shape)
 
     def ours_fn():
         with torch.no_grad():
-            return ours(q, k, v)
+            return ours(q, k, v, backend)
 
     def sdpa_fn():
         with torch.no_grad():
             return sdpa(q, k, v)
 
-    _compare(benchmark, "forward", shape, ours_fn, sdpa_fn, flops)
+    _compare(benchmark, "forward", shape, backend, ours_fn, sdpa_fn, flops)
 
 
-def test_forward_backward(benchmark, inputs):
+def test_forward_backward(benchmark, inputs, backend):
     shape, q, k, v, do = inputs
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    (out_ours, grads_ours), (out_sdpa, grads_sdpa) = _fwd_bwd(ours, q, k, v, do), _fwd_bwd(sdpa, q, k, v, do)
+    ours_b = functools.partial(ours, backend=backend)
+    out_ours, grads_ours = first_call(backend, lambda: _fwd_bwd(ours_b, q, k, v, do))
+    out_sdpa, grads_sdpa = _fwd_bwd(sdpa, q, k, v, do)
     torch.testing.assert_close(out_ours, out_sdpa, rtol=2e-2, atol=2e-2)
     for a, b in zip(grads_ours, grads_sdpa):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * max(b.abs().max().item(), 1.0))
     del out_ours, grads_ours, out_sdpa, grads_sdpa
     flops = 3.5 * causal_forward_flops(*shape)
-    _compare(benchmark, "forward+backward", shape, lambda: _fwd_bwd(ours, q, k, v, do),
+    _compare(benchmark, "forward+backward", shape, backend, lambda: _fwd_bwd(ours_b, q, k, v, do),
              lambda: _fwd_bwd(sdpa, q, k, v, do), flops)
 
 
-def test_forward_backward_fused_qkv_layout(benchmark, inputs):
+def test_forward_backward_fused_qkv_layout(benchmark, inputs, backend):
     """As the model calls it: q, k, v strided views of one (B, T, 3, H, D) projection, dO arriving in
     (B, T, H, D) order. Ours reads the views in place; SDPA gets the same views."""
     shape, *_ = inputs
@@ -134,9 +153,11 @@ def test_forward_backward_fused_qkv_layout(benchmark, inputs):
         out = fn(q, k, v)
         return out, torch.autograd.grad(out, qkv, do)
 
-    (out_ours, (g_ours,)), (out_sdpa, (g_sdpa,)) = run(ours), run(sdpa)
+    ours_b = functools.partial(ours, backend=backend)
+    out_ours, (g_ours,) = first_call(backend, lambda: run(ours_b))
+    out_sdpa, (g_sdpa,) = run(sdpa)
     torch.testing.assert_close(out_ours, out_sdpa, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(g_ours, g_sdpa, rtol=5e-2, atol=5e-2 * max(g_sdpa.abs().max().item(), 1.0))
     del out_ours, g_ours, out_sdpa, g_sdpa
-    _compare(benchmark, "forward+backward (fused qkv views)", shape, lambda: run(ours), lambda: run(sdpa),
-             3.5 * causal_forward_flops(*shape))
+    _compare(benchmark, "forward+backward (fused qkv views)", shape, backend, lambda: run(ours_b),
+             lambda: run(sdpa), 3.5 * causal_forward_flops(*shape))

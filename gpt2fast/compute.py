@@ -37,11 +37,13 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-# Dense 16-bit tensor-core peak FLOP/s per GPU (no sparsity): V100 SXM2 fp16, A100 bf16, H100/H200 SXM bf16.
-# gpt2fast.train imports this table to turn its measured throughput into MFU.
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12}
+from gpt2fast.hardware import PLANNING_GPUS
+
+# Dense 16-bit tensor-core peak FLOP/s per GPU (no sparsity): V100 SXM2 fp16, A100 bf16, H100/H200 SXM bf16,
+# from the one peak table in gpt2fast.hardware. gpt2fast.train imports this to turn its throughput into MFU.
+GPU_PEAK_FLOPS = {key: gpu.bf16 * 1e12 for key, gpu in PLANNING_GPUS.items()}
 # Memory per GPU in bytes (V100 32 GB, A100 80 GB, H100 80 GB, H200 141 GB), counted as 10^9 bytes.
-GPU_MEMORY_BYTES = {"H100": 80e9, "H200": 141e9, "A100": 80e9, "V100": 32e9}
+GPU_MEMORY_BYTES = {key: gpu.memory_gb * 1e9 for key, gpu in PLANNING_GPUS.items()}
 
 # Model FLOPs utilisation assumed when none is given: a placeholder until we measure ours on a GPU.
 DEFAULT_MFU = 0.4
