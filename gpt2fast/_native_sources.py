@@ -20,11 +20,13 @@ CUDA_SOURCES = [
     "csrc/kernels/bias_gelu.cu",
     "csrc/kernels/cross_entropy.cu",
     "csrc/kernels/adamw.cu",
+    "csrc/kernels/attention.cu",
     "csrc/bindings/cuda_ops.cpp",
 ]
 CUDA_HEADERS = [
     "csrc/kernels/kernels.h",
     "csrc/kernels/common.cuh",
+    "csrc/kernels/attention_impl.cuh",
 ]
 # A wheel carries the CUDA sources and headers under gpt2fast/_csrc/ (csrc/kernels/x.cu -> gpt2fast/_csrc/kernels/
 # x.cu), so the on-first-use compiler finds them after a non-editable install. The binding includes

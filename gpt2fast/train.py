@@ -39,7 +39,7 @@ class TrainConfig:
     init_from: str = ""  # a Hugging Face GPT-2 folder to start from instead of random weights
     block_size: int = 128  # context length in tokens
     dropout: float = 0.0
-    backend: str = "auto"  # kernels: auto, triton, torch
+    backend: str = "auto"  # kernels: auto, cuda, triton, torch
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
     # optimisation
@@ -53,6 +53,7 @@ class TrainConfig:
     weight_decay: float = 0.1  # on matrices only
     beta1: float = 0.9
     beta2: float = 0.95
+    optimizer: str = "torch"  # torch: torch.optim.AdamW (fused on CUDA); gpt2fast: ours, one CUDA launch per group
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
     dtype: str = "auto"  # auto: bf16 on GPUs that have it, fp16 (loss scaling) on older GPUs, fp32 on the CPU
     device: str = "auto"  # auto, cpu, cuda, cuda:1...
@@ -83,8 +84,11 @@ class TrainConfig:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"--backend must be auto, triton or torch, got {self.backend!r}")
+        if self.backend not in ("auto", "cuda", "triton", "torch"):
+            raise ValueError(f"--backend must be auto, cuda, triton or torch, got {self.backend!r}")
+        if self.optimizer not in ("torch", "gpt2fast"):
+            raise ValueError(f"--optimizer must be torch (torch.optim.AdamW, fused on CUDA) or gpt2fast "
+                             f"(gpt2fast.ops.adamw.AdamW: one CUDA launch per group), got {self.optimizer!r}")
 
 
 PRESETS = {
@@ -237,6 +241,10 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device):
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "gpt2fast":
+        from gpt2fast.ops.adamw import AdamW
+
+        return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     extra = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 

@@ -43,6 +43,8 @@ def test_command_line_overrides_and_types(tmp_path):
     (["--preset=gpt5"], "unknown --preset 'gpt5'"),
     (["--min_lr=1", "--lr=0.1"], "min_lr <= lr"),
     (["lr=1"], "settings are written --key=value"),
+    (["--optimizer=sgd"], "--optimizer must be torch"),
+    (["--backend=cudnn"], "--backend must be auto, cuda, triton or torch"),
 ])
 def test_bad_settings_are_clear_errors(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -117,6 +119,32 @@ def test_resume_continues_exactly(tmp_path, small_shards):
     assert resumed.step == 3
     resumed.run()
     got = metrics(part / "out")
+    for step in (4, 5, 6):
+        assert got[step]["loss"] == expected[step]["loss"], step
+
+
+def test_our_adamw_trains_like_torchs(tmp_path, small_shards):
+    """--optimizer=gpt2fast (on the CPU its PyTorch loop; on a GPU one CUDA launch per group) takes the same
+    steps as torch.optim.AdamW, and resumes exactly from its checkpoint like it."""
+    ref = Trainer(quick(tmp_path / "ref", small_shards, max_steps=4), log=lambda s: None)
+    ours = Trainer(quick(tmp_path / "ours", small_shards, max_steps=4, optimizer="gpt2fast"), log=lambda s: None)
+    from gpt2fast.ops.adamw import AdamW
+
+    assert isinstance(ours.optimizer, AdamW)
+    for _ in range(4):
+        assert ours.train_step() == pytest.approx(ref.train_step(), rel=1e-5)
+    for pa, pb in zip(ref.model.parameters(), ours.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+
+    whole = tmp_path / "whole"
+    Trainer(quick(whole, small_shards, optimizer="gpt2fast"), log=lambda s: None).run()
+    part = tmp_path / "part"
+    Trainer(quick(part, small_shards, optimizer="gpt2fast"), log=lambda s: None).run()
+    import shutil
+
+    shutil.rmtree(part / "out" / "ckpt_0000006")
+    Trainer(quick(part, small_shards, optimizer="gpt2fast", resume=True), log=lambda s: None).run()
+    expected, got = metrics(whole / "out"), metrics(part / "out")
     for step in (4, 5, 6):
         assert got[step]["loss"] == expected[step]["loss"], step
 

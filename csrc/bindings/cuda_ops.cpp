@@ -334,6 +334,130 @@ at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& ta
   return grad;
 }
 
+// ------------------------------------------------------------------------------------------ attention
+// A (B, H, T, D) operand the kernels can read without a copy: fp16/bf16 like q, q's shape, unit stride along D,
+// 16-byte aligned data and B/H/T strides that are multiples of 8 elements.
+void check_attention_operand(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name) {
+  check_same_device(t, q, op, name);
+  check_same_dtype(t, q, op, name);
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must have 4 dimensions (B, H, T, D), got shape ", t.sizes());
+  check_same_shape(t, q, op, name, "q");
+  TORCH_CHECK(t.stride(3) == 1, op, ": ", name, " has strides ", t.strides(),
+              "; the head dimension must be contiguous (stride 1): call .contiguous() first");
+  TORCH_CHECK(t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 &&
+                  (reinterpret_cast<uintptr_t>(t.const_data_ptr()) & 15u) == 0,
+              op, ": ", name, " (strides ", t.strides(), ") is not 16-byte aligned per row; the kernels read rows "
+              "in 16-byte chunks: call .contiguous() first");
+}
+
+struct AttentionShape {
+  kern::DType dtype;
+  int batch, heads, seq, head_dim;
+};
+
+// Checks q, k and v (q on the current device guard's GPU) and returns their common shape.
+AttentionShape check_attention_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  check_cuda(q, op, "q");
+  TORCH_CHECK(q.dim() == 4, op, ": q must have 4 dimensions (B, H, T, D), got shape ", q.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op, ": q has dtype ",
+              q.scalar_type(), "; the CUDA attention kernel takes float16 or bfloat16 (use the triton or torch "
+              "backend for float32)");
+  const kern::DType dtype = kernel_dtype(q, op, "q");
+  const int major = device_major(q.device().index());
+  TORCH_CHECK(major >= 8, op, ": the CUDA attention kernel uses mma.m16n8k16 (sm_80 and later), but ", q.device(),
+              " is sm_", major, "x; use the triton or torch backend");
+  TORCH_CHECK(kern::attention_head_dim_supported(static_cast<int>(q.size(3))), op, ": head dim ", q.size(3),
+              " is not supported by the CUDA attention kernel (64 or 128); use the triton or torch backend");
+  TORCH_CHECK(q.size(0) > 0 && q.size(1) > 0 && q.size(2) > 0, op, ": q has an empty dimension: shape ", q.sizes());
+  TORCH_CHECK(q.size(0) * q.size(1) <= 65535, op, ": batch * heads = ", q.size(0) * q.size(1),
+              " exceeds the kernel grid's limit of 65535");
+  TORCH_CHECK(q.size(2) <= (int64_t{1} << 30), op, ": sequence length ", q.size(2), " is too long");
+  check_attention_operand(q, q, op, "q");
+  check_attention_operand(k, q, op, "k");
+  check_attention_operand(v, q, op, "v");
+  return {dtype, static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(q.size(2)),
+          static_cast<int>(q.size(3))};
+}
+
+kern::AttentionTensor attention_tensor(const at::Tensor& t) {
+  return {t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// An empty (B, H, T, D) tensor laid out like `like`: stored (B, T, H, D) when `like` is a view of that order (the
+// model's q, k, v are slices of one fused projection), so that transposing the result back is free.
+at::Tensor empty_attention_like(const at::Tensor& like) {
+  const int64_t B = like.size(0), H = like.size(1), T = like.size(2), D = like.size(3);
+  if (H > 1 && T > 1 && like.stride(1) < like.stride(2)) {
+    return at::empty({B, T, H, D}, like.options().memory_format(at::MemoryFormat::Contiguous)).transpose(1, 2);
+  }
+  return at::empty({B, H, T, D}, like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+// The kernels' arguments for q, k, v of `shape`; the caller adds outputs and workspaces.
+kern::AttentionArgs attention_args(const AttentionShape& shape, const std::optional<double>& scale, bool causal,
+                                   const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(shape.head_dim));
+  TORCH_CHECK(std::isfinite(s) && s > 0, op, ": scale must be a positive finite number, got ", s);
+  kern::AttentionArgs args{};
+  args.dtype = shape.dtype;
+  args.batch = shape.batch;
+  args.heads = shape.heads;
+  args.seq = shape.seq;
+  args.head_dim = shape.head_dim;
+  args.scale = static_cast<float>(s);
+  args.causal = causal;
+  args.q = attention_tensor(q);
+  args.k = attention_tensor(k);
+  args.v = attention_tensor(v);
+  return args;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     bool causal, const std::optional<double>& scale) {
+  const char* op = "gpt2fast._cuda_ops.attention_forward";
+  check_cuda(q, op, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const AttentionShape shape = check_attention_qkv(q, k, v, op);
+  at::Tensor o = empty_attention_like(q);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  kern::AttentionArgs args = attention_args(shape, scale, causal, q, k, v, op);
+  args.o = attention_tensor(o);
+  args.lse = lse.data_ptr<float>();
+  check_launch(kern::attention_forward(args, stream_of(q)), op);
+  return {o, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor& o, const at::Tensor& lse,
+                                                                  bool causal, const std::optional<double>& scale) {
+  const char* op = "gpt2fast._cuda_ops.attention_backward";
+  check_cuda(q, op, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const AttentionShape shape = check_attention_qkv(q, k, v, op);
+  check_attention_operand(o, q, op, "o");
+  check_attention_operand(dout, q, op, "dout");
+  check_same_device(lse, q, op, "lse");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.numel() == q.size(0) * q.size(1) * q.size(2),
+              op, ": lse must be the contiguous float32 (B, H, T) tensor attention_forward returned, got ",
+              lse.scalar_type(), " of shape ", lse.sizes());
+  at::Tensor dq = empty_attention_like(q);
+  at::Tensor dk = empty_attention_like(k);
+  at::Tensor dv = empty_attention_like(v);
+  at::Tensor delta = at::empty_like(lse);
+  kern::AttentionArgs args = attention_args(shape, scale, causal, q, k, v, op);
+  args.o = attention_tensor(o);
+  args.dout = attention_tensor(dout);
+  args.dq = attention_tensor(dq);
+  args.dk = attention_tensor(dk);
+  args.dv = attention_tensor(dv);
+  args.lse = lse.data_ptr<float>();
+  args.delta = delta.data_ptr<float>();
+  check_launch(kern::attention_backward(args, stream_of(q)), op);
+  return {dq, dk, dv};
+}
+
 // ------------------------------------------------------------------------------------------ AdamW
 void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                 const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs, double lr,
@@ -426,6 +550,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_backward", &cross_entropy_backward, "(softmax - onehot) * scale in the logits' dtype",
         py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("scale"), py::arg("ignore_index") = -100,
         py::arg("out") = py::none());
+  m.def("attention_forward", &attention_forward,
+        "flash attention on the tensor cores (sm_80+, fp16/bf16, head dim 64/128): (o, lse)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("causal") = true, py::arg("scale") = py::none());
+  m.def("attention_backward", &attention_backward, "gradients of attention_forward: (dq, dk, dv)",
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"),
+        py::arg("causal") = true, py::arg("scale") = py::none());
   m.def("adamw_step", &adamw_step, "torch.optim.AdamW's step over a parameter group, one launch", py::arg("params"),
         py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("lr"), py::arg("beta1"),
         py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"));

@@ -106,5 +106,36 @@ cudaError_t adamw_step(DType param_dtype, DType grad_dtype, const AdamWTensor* t
                        int64_t total_chunks, float lr, float beta1, float beta2, float eps, float weight_decay,
                        int64_t step, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------- attention
+// One (B, H, T, D) tensor: data and element strides of the batch, head and time dimensions (D has stride 1).
+// The kernels read and write 16-byte chunks: data 16-byte aligned, strides multiples of 8 elements.
+struct AttentionTensor {
+  const void* data;  // written through for outputs
+  int64_t stride_b;
+  int64_t stride_h;
+  int64_t stride_t;
+};
+
+struct AttentionArgs {
+  DType dtype;  // kFloat16 or kBFloat16
+  int batch, heads, seq, head_dim;
+  float scale;  // softmax scale, usually 1 / sqrt(head_dim)
+  bool causal;
+  AttentionTensor q, k, v, o, dout, dq, dk, dv;
+  float* lse;    // (batch * heads, seq) fp32, contiguous: written by the forward, read by the backward
+  float* delta;  // (batch * heads, seq) fp32 workspace of the backward
+};
+
+// Head dims the attention kernels are instantiated for (64 and 128).
+bool attention_head_dim_supported(int head_dim);
+
+// o = softmax(q k^T * scale, causal mask if `causal`) v, and lse = logsumexp of each query's scaled scores.
+// Reads q, k, v; writes o and lse. Needs sm_80 or later (cudaErrorNotSupported before), batch * heads <= 65535.
+cudaError_t attention_forward(const AttentionArgs& args, cudaStream_t stream);
+
+// Gradients dq, dk, dv of attention_forward from dout, recomputing the probabilities from q, k and lse.
+// Reads q, k, v, o, dout, lse; writes delta (workspace), dq, dk, dv. Deterministic.
+cudaError_t attention_backward(const AttentionArgs& args, cudaStream_t stream);
+
 }  // namespace kernels
 }  // namespace gpt2fast

@@ -7,7 +7,8 @@
     loss = ops.cross_entropy(logits, targets)               # fused softmax + loss + gradient
     loss = ops.linear_cross_entropy(hidden, weight, targets)  # never materialises all the logits
 
-Every op takes backend="auto" | "triton" | "torch"; see gpt2fast/ops/_dispatch.py.
+Every op takes backend="auto" | "cuda" | "triton" | "torch"; see gpt2fast/ops/_dispatch.py. The fused AdamW
+is gpt2fast.ops.adamw.AdamW.
 """
 from gpt2fast.ops._dispatch import BACKENDS
 from gpt2fast.ops.attention import attention

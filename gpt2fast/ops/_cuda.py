@@ -10,7 +10,8 @@ line printed; the build is cached in torch's extension directory, TORCH_EXTENSIO
 it); else None, with the reason. ``GPT2FAST_NO_CUDA_JIT=1`` turns the first-use compile off.
 
 Nothing here raises: not at import (this module imports nothing heavy) and not from ``load_cuda_ops``, which
-reports a failed import or compile as the reason instead. The op dispatchers do not offer a "cuda" backend yet.
+reports a failed import or compile as the reason instead. The op dispatchers (gpt2fast/ops/_dispatch.py) load it
+when backend="cuda" is asked for, or when "auto" prefers the CUDA path for an op.
 """
 from __future__ import annotations
 

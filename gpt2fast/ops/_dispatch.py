@@ -1,8 +1,13 @@
-"""Choosing a backend for an op: "auto" | "triton" | "torch" (and "cuda" once the CUDA C++ ops land).
+"""Choosing a backend for an op: "auto" | "cuda" | "triton" | "torch".
 
-"auto" takes the fastest path that can run on the inputs and falls back to the plain-PyTorch reference,
-with a one-time warning, when it cannot (CPU tensors, a dtype or shape the kernel does not cover, no
-Triton). Asking for "triton" explicitly where it cannot run is an error that says why.
+"auto" takes the fastest fused path that can run on the inputs -- the CUDA C++ kernel (gpt2fast._cuda_ops) or
+the Triton one, whichever was measured faster for that op on this GPU (``PREFERRED``) -- and falls back to the
+plain-PyTorch reference, with a one-time warning, when neither can run (CPU tensors, a dtype or shape the
+kernels do not cover, no Triton and no CUDA ops). Asking for "cuda" or "triton" explicitly where it cannot run
+is an error that says why.
+
+The CUDA ops are only looked for (and, on a GPU machine without a prebuilt module, compiled on first use) when
+"auto" would pick them or "cuda" is asked for: a Triton-first op never triggers a compile.
 
 On machines without a GPU, Triton kernels can still run on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Triton is imported); the tests use it so the kernels' logic is checked
@@ -12,12 +17,19 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "cuda", "triton", "torch")
 _warned: set = set()
+
+# Which fused path "auto" tries first, per op and GPU architecture ("sm_90"), from the benchmarks' side-by-side
+# timings (benchmarks/test_bench_ops_*.py, recorded in benchmarks/RESULTS.md). An op or GPU with no measurement
+# tries Triton first (autotuned per shape), then CUDA. GPT2FAST_PREFER_BACKEND=cuda|triton overrides the table.
+# Empty so far: no side-by-side GPU run of the two paths has been recorded yet.
+PREFERRED: Dict[Tuple[str, str], str] = {}
+NO_CUDA_KERNEL = "there is no CUDA C++ kernel for this op"
 
 
 def triton_interpreting() -> bool:
@@ -69,20 +81,85 @@ def _bf16_ok(tensors) -> bool:
     return major >= 8
 
 
-def choose(op: str, backend: str, reason_not_triton: Optional[str]) -> str:
-    """The backend to run: "triton" or "torch". ``reason_not_triton`` is None when Triton can run."""
+def why_not_cuda(tensors: Iterable[torch.Tensor], dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16),
+                 extra: Optional[str] = None) -> Optional[str]:
+    """None when the CUDA C++ kernels can run on these tensors, else the reason they cannot. Cheap checks
+    first; the extension itself is loaded last (which compiles it on first use where that is possible)."""
+    tensors = list(tensors)
+    if not tensors or not all(t.is_cuda for t in tensors):
+        return "the tensors are not on a CUDA GPU (the CUDA C++ kernels need one)"
+    if any(t.device != tensors[0].device for t in tensors):
+        return "the tensors are on different devices"
+    for t in tensors:
+        if t.is_floating_point() and t.dtype not in dtypes:
+            return f"dtype {t.dtype} is not supported (supported: {', '.join(str(d) for d in dtypes)})"
+    if not _bf16_ok(tensors):
+        return "bf16 needs a GPU of compute capability 8.0 or newer"
+    if extra:
+        return extra
+    from gpt2fast.ops import _cuda
+
+    status = _cuda.cuda_ops_status()
+    if status.module is None:
+        return f"the CUDA ops are not available: {status.reason}"
+    return None
+
+
+def device_arch(tensors: Iterable[torch.Tensor]) -> Optional[str]:
+    """"sm_90" for tensors on an H100, None for CPU tensors."""
+    for t in tensors:
+        if t.is_cuda:
+            major, minor = torch.cuda.get_device_capability(t.device)
+            return f"sm_{major}{minor}"
+    return None
+
+
+def preferred_order(op: str, arch: Optional[str]) -> Tuple[str, str]:
+    """The order in which "auto" tries the fused paths for ``op`` on ``arch``."""
+    first = os.environ.get("GPT2FAST_PREFER_BACKEND") or PREFERRED.get((op, arch or "cpu"), "triton")
+    if first not in ("cuda", "triton"):
+        raise ValueError(f"GPT2FAST_PREFER_BACKEND={first!r}: set it to 'cuda' or 'triton' (or unset it)")
+    return (first, "triton" if first == "cuda" else "cuda")
+
+
+def choose(op: str, backend: str, reason_not_triton: Optional[str],
+           cuda_check: Optional[Callable[[], Optional[str]]] = None,
+           tensors: Iterable[torch.Tensor] = ()) -> str:
+    """The backend to run: "cuda", "triton" or "torch".
+
+    ``reason_not_triton``: None when Triton can run, else why not. ``cuda_check``: called (only when needed) to
+    learn whether the CUDA kernel can run, returning None or the reason; None when the op has no CUDA kernel.
+    ``tensors``: the inputs, for the GPU architecture the preference is looked up for."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend={backend!r} is not one of {BACKENDS}")
     if backend == "torch":
         return "torch"
-    if reason_not_triton is None:
-        return "triton"
-    if backend == "triton":
-        raise RuntimeError(f"{op}: the Triton backend cannot run here: {reason_not_triton}. "
-                           f"Use backend='auto' to fall back to the PyTorch reference, or backend='torch'.")
-    key = (op, reason_not_triton)
+    reasons = {"triton": lambda: reason_not_triton,
+               "cuda": cuda_check if cuda_check is not None else (lambda: NO_CUDA_KERNEL)}
+    if backend in ("triton", "cuda"):
+        reason = reasons[backend]()
+        if reason is None:
+            return backend
+        other = "triton" if backend == "cuda" else "cuda"
+        raise RuntimeError(f"{op}: the {'Triton' if backend == 'triton' else 'CUDA C++'} backend cannot run here: "
+                           f"{reason}. Use backend='auto' to take the {other} path or the PyTorch reference, "
+                           f"or backend='torch'.")
+    found = {}
+    for candidate in preferred_order(op, device_arch(tensors)):
+        found[candidate] = reasons[candidate]()
+        if found[candidate] is None:
+            return candidate
+    because = found["triton"]
+    if device_arch(tensors) is not None and found["cuda"] not in (NO_CUDA_KERNEL, because):
+        because = f"{because} (and the CUDA kernel: {found['cuda']})"
+    warn_once(op, because, stacklevel=4)
+    return "torch"
+
+
+def warn_once(op: str, because: str, stacklevel: int = 3) -> None:
+    """The one-time warning of a fallback to the PyTorch reference (once per op and reason)."""
+    key = (op, because)
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"gpt2fast.ops.{op}: using the PyTorch reference because {reason_not_triton}",
-                      RuntimeWarning, stacklevel=3)
-    return "torch"
+        warnings.warn(f"gpt2fast.ops.{op}: using the PyTorch reference because {because}",
+                      RuntimeWarning, stacklevel=stacklevel)

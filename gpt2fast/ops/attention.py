@@ -17,8 +17,9 @@ so no copy is made as long as the head dimension is contiguous. Output and gradi
 their inputs: a (B, T, H, D)-ordered input gets a (B, T, H, D)-ordered result, so transposing it back to
 (B, T, H*D) costs nothing.
 
-Paths: Triton (GPU, or CPU under TRITON_INTERPRET=1; head dims 32, 64, 128) and the plain-PyTorch
-``attention_reference``.
+Paths: Triton (GPU, or CPU under TRITON_INTERPRET=1; head dims 32, 64, 128), CUDA C++ (csrc/kernels/
+attention.cu: the same algorithm on mma.m16n8k16 tensor-core instructions, sm_80 and later, fp16/bf16, head dims
+64 and 128) and the plain-PyTorch ``attention_reference``.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ except ImportError:  # the reference path still works
     tl = None
 
 HEAD_DIMS = (32, 64, 128)
+CUDA_HEAD_DIMS = (64, 128)
 # CUDA limits the second grid dimension (batch * heads here) to 65535.
 MAX_BATCH_HEADS = 65535
 LOG2E = 1.4426950408889634
@@ -73,13 +75,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """softmax(q @ k^T / sqrt(D)) @ v over the last two dimensions of (B, H, T, D) tensors.
 
     ``causal``: query t sees keys 0..t only. Returns (B, H, T, D) in q's dtype; differentiable in q, k, v.
-    ``backend``: "auto" (Triton where it can run, else the reference with a one-time warning), "triton"
-    (an error where it cannot run) or "torch".
+    ``backend``: "auto" (the faster of the CUDA and Triton kernels where one can run, else the reference with
+    a one-time warning), "cuda" or "triton" (an error where it cannot run) or "torch".
     """
     _check_args(q, k, v)
     reason = _dispatch.why_not_triton((q, k, v), extra=_shape_problem(q))
-    if _dispatch.choose("attention", backend, reason) == "torch":
+    path = _dispatch.choose("attention", backend, reason, lambda: _why_not_cuda(q, k, v), (q,))
+    if path == "torch":
         return attention_reference(q, k, v, causal)
+    if path == "cuda":
+        return _CudaAttentionFn.apply(q, k, v, bool(causal))
     return _FlashAttentionFn.apply(q, k, v, bool(causal))
 
 
@@ -110,7 +115,51 @@ def _shape_problem(q: torch.Tensor) -> Optional[str]:
     return None
 
 
+def _why_not_cuda(q, k, v) -> Optional[str]:
+    B, H, T, D = q.shape
+    extra = None
+    if D not in CUDA_HEAD_DIMS:
+        extra = f"head dim {D} is not supported by the CUDA kernel (supported: {', '.join(map(str, CUDA_HEAD_DIMS))})"
+    elif B * H > MAX_BATCH_HEADS:
+        extra = f"batch * heads = {B * H} exceeds the kernel grid's limit of {MAX_BATCH_HEADS}"
+    elif B * H * T == 0:
+        extra = "the input is empty"
+    elif q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 8:
+        extra = "the CUDA attention kernel uses mma.m16n8k16 tensor-core instructions (sm_80 or newer)"
+    return _dispatch.why_not_cuda((q, k, v), dtypes=(torch.float16, torch.bfloat16), extra=extra)
+
+
 # ----------------------------------------------------------------------------------------------- autograd
+class _CudaAttentionFn(torch.autograd.Function):
+    """The CUDA C++ kernels (gpt2fast._cuda_ops.attention_forward / attention_backward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal):
+        from gpt2fast.ops._cuda import load_cuda_ops
+
+        module = load_cuda_ops()
+        q, k, v = (_cuda_ready(t) for t in (q, k, v))
+        o, lse = module.attention_forward(q, k, v, causal)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal = causal
+        ctx.module = module
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.module.attention_backward(_cuda_ready(do), q, k, v, o, lse, ctx.causal)
+        return dq, dk, dv, None
+
+
+def _cuda_ready(t: torch.Tensor) -> torch.Tensor:
+    """t itself when the CUDA kernels can read it in place (unit stride along D, 16-byte aligned rows: B, H and T
+    strides multiples of 8 elements), else a packed copy."""
+    if t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:3]) and t.data_ptr() % 16 == 0:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
 class _FlashAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal):

@@ -36,13 +36,17 @@ def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """tanh-approximation GELU of ``x + bias`` (bias of shape (x.shape[-1],)); output in x's dtype.
 
-    Differentiable in x and bias. ``backend``: "auto" (Triton where it can run, else the reference with a
-    one-time warning), "triton" (an error where it cannot run) or "torch".
+    Differentiable in x and bias. ``backend``: "auto" (the faster of the CUDA and Triton kernels where one
+    can run, else the reference with a one-time warning), "cuda" or "triton" (an error where it cannot run) or
+    "torch".
     """
     _check_args(x, bias)
     reason = _dispatch.why_not_triton([x, bias], extra=_shape_problem(x))
-    if _dispatch.choose("bias_gelu", backend, reason) == "torch":
+    path = _dispatch.choose("bias_gelu", backend, reason, lambda: _why_not_cuda(x, bias), (x,))
+    if path == "torch":
         return bias_gelu_reference(x, bias)
+    if path == "cuda":
+        return _CudaBiasGeluFn.apply(x, bias)
     return _BiasGeluFn.apply(x, bias)
 
 
@@ -60,6 +64,13 @@ def _shape_problem(x: torch.Tensor) -> Optional[str]:
     if x.shape[-1] == 0:
         return "the rows are empty (last dimension 0)"
     return None  # columns are tiled, so any width works
+
+
+def _why_not_cuda(x: torch.Tensor, bias: torch.Tensor) -> Optional[str]:
+    extra = _shape_problem(x)
+    if extra is None and bias.dtype not in (x.dtype, torch.float32):
+        extra = f"the CUDA kernel takes a bias of x's dtype or float32, got {bias.dtype} for x of {x.dtype}"
+    return _dispatch.why_not_cuda([x, bias], extra=extra)
 
 
 # ------------------------------------------------------------------------------------------- launch config
@@ -201,3 +212,23 @@ class _BiasGeluFn(torch.autograd.Function):
         x2, bias = ctx.saved_tensors
         dx, db = _backward(x2, bias, dy.contiguous().view(-1, x2.shape[-1]))
         return dx.view(dy.shape), db
+
+
+class _CudaBiasGeluFn(torch.autograd.Function):
+    """The CUDA C++ kernels (gpt2fast._cuda_ops.bias_gelu_forward / bias_gelu_backward)."""
+
+    @staticmethod
+    def forward(ctx, x, bias):
+        from gpt2fast.ops._cuda import load_cuda_ops
+
+        module = load_cuda_ops()
+        x_c, bias_c = x.contiguous(), bias.contiguous()
+        ctx.save_for_backward(x_c, bias_c)
+        ctx.module = module
+        return module.bias_gelu_forward(x_c, bias_c)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, bias = ctx.saved_tensors
+        dx, db = ctx.module.bias_gelu_backward(x, bias, dy.contiguous())
+        return dx, db

@@ -96,7 +96,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if validate:
         _check_targets("cross_entropy", targets, n_classes, ignore_index)
     reason = _dispatch.why_not_triton([logits, targets], extra=_shape_problem(n_classes))
-    if _dispatch.choose("cross_entropy", backend, reason) == "torch":
+    path = _dispatch.choose("cross_entropy", backend, reason,
+                            lambda: _dispatch.why_not_cuda([logits, targets], extra=_shape_problem(n_classes)),
+                            (logits,))
+    if path == "torch":
         return cross_entropy_reference(logits, targets, ignore_index)
     # A view whenever the leading dimensions merge (a last-dimension slice of a padded tensor does): the
     # kernels take the row stride, so no copy is made.
@@ -106,6 +109,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     t = targets.reshape(-1)
     if t.dtype != torch.int64:
         t = t.to(torch.int64)
+    if path == "cuda":
+        return _CudaCrossEntropyFn.apply(x, t, int(ignore_index))
     return _CrossEntropyFn.apply(x, t, int(ignore_index))
 
 
@@ -133,8 +138,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     rows not equal to ``ignore_index`` (nan if none). Differentiable in hidden and weight: their gradients are
     computed chunk by chunk during this call (when grad mode is on and either requires grad) and only scaled
     in the backward pass. ``chunk_size``: rows per chunk, default ``default_chunk_size``. ``backend``: where
-    the per-chunk softmax runs, "triton" kernels or plain "torch" (the matmuls are torch either way); "auto"
-    as in ``cross_entropy``. Under ``torch.autocast``, hidden and weight are first cast to the autocast dtype,
+    the per-chunk softmax runs, "cuda" or "triton" kernels or plain "torch" (the matmuls are torch either
+    way); "auto" as in ``cross_entropy``. Under ``torch.autocast``, hidden and weight are first cast to the autocast dtype,
     as ``F.linear`` would cast them.
     """
     if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
@@ -147,7 +152,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
         raise ValueError(f"linear_cross_entropy: chunk_size must be a positive integer, got {chunk_size!r}")
     reason = _dispatch.why_not_triton([hidden, weight, targets], extra=_shape_problem(n_classes))
-    use_triton = _dispatch.choose("linear_cross_entropy", backend, reason) == "triton"
+    path = _dispatch.choose("linear_cross_entropy", backend, reason,
+                            lambda: _dispatch.why_not_cuda([hidden, weight, targets], extra=_shape_problem(n_classes)),
+                            (hidden,))
     h = hidden.reshape(-1, width)
     t = targets.reshape(-1)
     if t.dtype != torch.int64:
@@ -155,7 +162,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     rows = h.shape[0]
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(rows, n_classes, width)
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropyFn.apply(h, weight, t, int(ignore_index), chunk, use_triton, want_grads)
+    return _LinearCrossEntropyFn.apply(h, weight, t, int(ignore_index), chunk, path, want_grads)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -395,6 +402,28 @@ class _CrossEntropyFn(torch.autograd.Function):
         return grad, None, None
 
 
+class _CudaCrossEntropyFn(torch.autograd.Function):
+    """The CUDA C++ kernels (gpt2fast._cuda_ops.cross_entropy_forward / cross_entropy_backward)."""
+
+    @staticmethod
+    def forward(ctx, x, targets, ignore_index):
+        from gpt2fast.ops._cuda import load_cuda_ops
+
+        module = load_cuda_ops()
+        loss_rows, lse = module.cross_entropy_forward(x, targets, ignore_index)
+        n_valid = _count_valid(targets, ignore_index)
+        ctx.save_for_backward(x, targets, lse, n_valid)
+        ctx.ignore_index = ignore_index
+        ctx.module = module
+        return loss_rows.sum() / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, targets, lse, n_valid = ctx.saved_tensors
+        scale = (grad_loss.float() / n_valid).reshape(1)
+        return ctx.module.cross_entropy_backward(x, targets, lse, scale, ctx.ignore_index), None, None
+
+
 def _chunk_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, scale: torch.Tensor,
                  want_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Plain-torch loss sum and d_logits (softmax - onehot) * scale of one chunk, fp32 inside."""
@@ -438,14 +467,13 @@ def _add_matmul_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
 
 class _LinearCrossEntropyFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, chunk, use_triton, want_grads):
+    def forward(ctx, h, weight, targets, ignore_index, chunk, path, want_grads):
         # The inputs were cast already; autocast must not recast the chunk matmuls (nor meet their out=).
         with torch.autocast(h.device.type, enabled=False):
-            return _LinearCrossEntropyFn._forward(ctx, h, weight, targets, ignore_index, chunk, use_triton,
-                                                  want_grads)
+            return _LinearCrossEntropyFn._forward(ctx, h, weight, targets, ignore_index, chunk, path, want_grads)
 
     @staticmethod
-    def _forward(ctx, h, weight, targets, ignore_index, chunk, use_triton, want_grads):
+    def _forward(ctx, h, weight, targets, ignore_index, chunk, path, want_grads):
         rows = h.shape[0]
         n_valid = _count_valid(targets, ignore_index)
         scale = (1.0 / n_valid).reshape(1)
@@ -455,11 +483,20 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None  # chunks contiguous
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        if path == "cuda":
+            from gpt2fast.ops._cuda import load_cuda_ops
+
+            module = load_cuda_ops()
         for start in range(0, rows, chunk):
             h_c = h[start:start + chunk]
             t_c = targets[start:start + chunk]
             logits = h_c @ weight.T  # (chunk, V), input dtype: the only logits that ever exist
-            if use_triton:
+            if path == "cuda":
+                loss_rows, lse = module.cross_entropy_forward(logits, t_c, ignore_index)
+                loss_sum += loss_rows.sum()
+                d_logits = module.cross_entropy_backward(logits, t_c, lse, scale, ignore_index, logits) \
+                    if want_grads else None
+            elif path == "triton":
                 loss_rows, lse = _launch_forward(logits, t_c, ignore_index)
                 loss_sum += loss_rows.sum()
                 d_logits = _launch_backward(logits, t_c, lse, scale, ignore_index, out=logits) if want_grads \

@@ -14,20 +14,18 @@ from typing import List, Optional, Tuple
 
 # (op, backends it has code for) — "torch" is the plain reference every op has.
 OPS = {
-    "attention": ("torch", "triton"),
+    "attention": ("torch", "triton", "cuda"),
     "layer_norm": ("torch", "triton", "cuda"),
     "bias_gelu": ("torch", "triton", "cuda"),
     "cross_entropy": ("torch", "triton", "cuda"),
-    "linear_cross_entropy": ("torch", "triton"),
+    "linear_cross_entropy": ("torch", "triton", "cuda"),
     "adamw": ("torch", "cuda"),
 }
 NO_CODE = {
-    ("attention", "cuda"): "no CUDA C++ kernel yet (flash attention with mma: issue 4, pending)",
-    ("linear_cross_entropy", "cuda"): "no kernel of its own: will use cross_entropy's once 'cuda' is wired in",
     ("adamw", "triton"): "no Triton kernel (the fused step is CUDA C++)",
 }
 REFERENCE_NOTE = {
-    "adamw": "torch.optim.AdamW (fused=True on CUDA)",
+    "adamw": "gpt2fast.ops.adamw.AdamW's PyTorch loop (torch.optim.AdamW is the peer)",
     "linear_cross_entropy": "chunked torch matmuls + F.cross_entropy",
 }
 
@@ -131,12 +129,26 @@ def backend_rows(triton_problem: Optional[str], cuda_status) -> List[Tuple[str, 
             elif backend == "triton":
                 rows.append((op, backend, "no", triton_problem) if triton_problem else
                             (op, backend, "yes", _triton_note()))
-            elif cuda_status.module is not None or cuda_status.how == "jit":
-                rows.append((op, backend, "pending", "kernel built/buildable; the dispatcher does not offer "
-                                                     "backend='cuda' yet"))
+            elif cuda_status.module is not None:
+                rows.append((op, backend, "yes", _cuda_note(op)))
+            elif cuda_status.how == "jit":
+                rows.append((op, backend, "on first use", "compiled the first time backend 'cuda' is used "
+                                                          "(or run with --build)"))
             else:
                 rows.append((op, backend, "no", cuda_status.reason or "unavailable"))
     return rows
+
+
+def _cuda_note(op: str) -> str:
+    import torch
+
+    if op == "attention":
+        if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8:
+            return "no: needs sm_80+ (mma.m16n8k16); fp16/bf16, head dim 64/128"
+        return "fp16/bf16, head dim 64/128 (tensor cores, mma.m16n8k16)"
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8:
+        return "fp32/fp16 (bf16 needs sm_80+)"
+    return "GPU kernels"
 
 
 def _triton_note() -> str:

@@ -11,7 +11,8 @@ Backward fuses three things: the LayerNorm input gradient, the gradient arriving
 residual stream) added onto it, and per-program partial sums of dweight and dbias that a second kernel adds
 up in a fixed order, so the parameter gradients are deterministic (no atomics).
 
-Paths: Triton (GPU, or CPU under TRITON_INTERPRET=1) and the plain-PyTorch ``layer_norm_reference``.
+Paths: Triton (GPU, or CPU under TRITON_INTERPRET=1), CUDA C++ (csrc/kernels/layer_norm.cu) and the
+plain-PyTorch ``layer_norm_reference``.
 """
 from __future__ import annotations
 
@@ -53,14 +54,17 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residu
     """LayerNorm of ``x`` (or of ``h = x + residual``) over the last dimension.
 
     Returns y when ``residual`` is None, else (y, h); both in x's dtype. Differentiable in x, residual,
-    weight and bias. ``backend``: "auto" (Triton where it can run, else the reference with a one-time
-    warning), "triton" (an error where it cannot run) or "torch".
+    weight and bias. ``backend``: "auto" (the faster of the CUDA and Triton kernels where one can run, else
+    the reference with a one-time warning), "cuda" or "triton" (an error where it cannot run) or "torch".
     """
     _check_args(x, weight, bias, residual)
     tensors = [x, weight, bias] + ([residual] if residual is not None else [])
     reason = _dispatch.why_not_triton(tensors, extra=_shape_problem(x))
-    if _dispatch.choose("layer_norm", backend, reason) == "torch":
+    path = _dispatch.choose("layer_norm", backend, reason, lambda: _why_not_cuda(tensors, x, weight, bias), tensors)
+    if path == "torch":
         return layer_norm_reference(x, weight, bias, residual, eps)
+    if path == "cuda":
+        return _CudaLayerNormFn.apply(x, weight, bias, residual, float(eps))
     return _LayerNormFn.apply(x, weight, bias, residual, float(eps))
 
 
@@ -86,6 +90,23 @@ def _shape_problem(x: torch.Tensor) -> Optional[str]:
     if width > MAX_WIDTH:
         return f"the width {width} exceeds the Triton kernel's limit of {MAX_WIDTH} (one row per block)"
     return None
+
+
+def _why_not_cuda(tensors, x, weight, bias) -> Optional[str]:
+    extra = None
+    if x.shape[-1] == 0:
+        extra = "the rows are empty (last dimension 0)"
+    elif weight.dtype != bias.dtype or weight.dtype not in (x.dtype, torch.float32):
+        extra = (f"the CUDA kernel takes weight and bias of x's dtype or float32, got {weight.dtype} and "
+                 f"{bias.dtype} for x of {x.dtype}")
+    reason = _dispatch.why_not_cuda(tensors, extra=extra)
+    if reason is None:
+        from gpt2fast.ops._cuda import load_cuda_ops
+
+        limit = load_cuda_ops().layer_norm_max_width()
+        if x.shape[-1] > limit:
+            reason = f"the width {x.shape[-1]} exceeds the CUDA kernel's limit of {limit}"
+    return reason
 
 
 # ------------------------------------------------------------------------------------------- launch config
@@ -261,5 +282,37 @@ class _LayerNormFn(torch.autograd.Function):
         dx = dx.view(shape)
         dres = None
         if ctx.has_residual:  # h = x + residual: both receive dL/dh
+            dres = dx if ctx.residual_dtype == dx.dtype else dx.to(ctx.residual_dtype)
+        return dx, dw, db, dres, None
+
+
+class _CudaLayerNormFn(torch.autograd.Function):
+    """The CUDA C++ kernels (gpt2fast._cuda_ops.layer_norm_forward / layer_norm_backward)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps):
+        from gpt2fast.ops._cuda import load_cuda_ops
+
+        module = load_cuda_ops()
+        x_c = x.contiguous()
+        r_c = residual.contiguous() if residual is not None else None
+        weight_c, bias_c = weight.contiguous(), bias.contiguous()
+        y, h, mean, rstd = module.layer_norm_forward(x_c, weight_c, bias_c, r_c, eps)
+        ctx.save_for_backward(h if h is not None else x_c, weight_c, mean, rstd)
+        ctx.module = module
+        ctx.has_residual = residual is not None
+        ctx.residual_dtype = residual.dtype if residual is not None else None
+        ctx.set_materialize_grads(False)
+        return y if h is None else (y, h)
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        h, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:  # only h was used downstream: dL/dh passes straight through to x and the residual
+            return dh, None, None, dh if dh.dtype == ctx.residual_dtype else dh.to(ctx.residual_dtype), None
+        dx, dw, db = ctx.module.layer_norm_backward(h, dy.contiguous(), dh.contiguous() if dh is not None else None,
+                                                    weight, mean, rstd)
+        dres = None
+        if ctx.has_residual:
             dres = dx if ctx.residual_dtype == dx.dtype else dx.to(ctx.residual_dtype)
         return dx, dw, db, dres, None
