@@ -51,3 +51,28 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, small_shar
     two = GPT2.from_pretrained(tmp_path / "two" / "out" / "ckpt_0000004", backend="torch")
     for (name, a), b in zip(one.named_parameters(), two.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5, msg=name)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_resume_exactly(tmp_path, small_shards, fsdp):
+    """A two-process run stopped after step 3's checkpoint and resumed (--resume, each process reloading the
+    full checkpoint; FSDP re-shards it) gives the losses of the uninterrupted two-process run."""
+    import shutil
+
+    torch.set_num_threads(1)
+    settings = dict(batch_size=2, max_steps=6, eval_interval=3, checkpoint_interval=3, fsdp=fsdp)
+    whole = quick(tmp_path / "whole", small_shards, **settings)
+    mp.spawn(_worker, args=(2, _free_port(), whole), nprocs=2, join=True)
+    expected = metrics(tmp_path / "whole" / "out")
+
+    part = quick(tmp_path / "part", small_shards, **settings)
+    mp.spawn(_worker, args=(2, _free_port(), part), nprocs=2, join=True)
+    shutil.rmtree(tmp_path / "part" / "out" / "ckpt_0000006")  # as if both processes had died after step 3
+    (tmp_path / "part" / "out" / "metrics.jsonl").unlink()
+    resumed = quick(tmp_path / "part", small_shards, resume=True, **settings)
+    mp.spawn(_worker, args=(2, _free_port(), resumed), nprocs=2, join=True)
+    got = metrics(tmp_path / "part" / "out")
+    assert sorted(got) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert got[step]["loss"] == expected[step]["loss"], step
+    assert got[6]["val_loss"] == expected[6]["val_loss"]
