@@ -16,7 +16,8 @@ Formulas (C = n_embd, L = n_layer, T = sequence length, V = vocabulary, N = para
   (QK^T and AV: 2 * 2 * T * C FLOPs per token per layer forward, x3 with the backward, causal masking ignored).
 * Time: FLOPs / (GPUs * peak * MFU); GPU-hours = FLOPs / (peak * MFU) / 3600; cost = GPU-hours * price.
   MFU defaults to ``DEFAULT_MFU`` = 0.4, a typical achieved fraction of the dense bf16 tensor-core peak;
-  replace it with the MFU the trainer measures on a GPU (it logs ``mfu`` in metrics.jsonl) once we have one.
+  ``--mfu-from results.json`` takes instead our best training-step MFU from a benchmark results file
+  (``pytest benchmarks/test_bench_train.py --benchmark-only`` on a GPU writes one), and ``--mfu`` sets it.
 * Memory per GPU (data parallel, nothing sharded): fp32 training keeps weights 4 + gradients 4 + AdamW
   moments 8 = 16 bytes/parameter; mixed precision keeps bf16 weights 2 + bf16 gradients 2 + fp32 master
   weights 4 + AdamW moments 8 = 16 bytes/parameter too (the bf16 copies replace nothing, the fp32 master is
@@ -35,7 +36,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from gpt2fast.hardware import PLANNING_GPUS
 
@@ -226,7 +227,24 @@ def _duration(hours: float) -> str:
     return f"{hours / 24:.1f} days"
 
 
-def report(e: Estimate) -> str:
+def measured_mfu(results_path) -> Tuple[float, str]:
+    """Our best measured training-step MFU in a benchmark results JSON (``gpt2fast.bench``), and where it was
+    measured. A ValueError naming the file when it holds none."""
+    from gpt2fast.bench import load_results
+
+    results = load_results(results_path)
+    found = [(row.ours.shares["detected"], row.ours.impl) for row in results.rows
+             if row.suite == "train" and row.ours is not None and row.ours.unit == "tokens/s"
+             and "detected" in (row.ours.shares or {})]
+    if not found:
+        raise ValueError(f"--mfu-from {results_path}: the file holds no measured training-step MFU; run "
+                         f"`pytest benchmarks/test_bench_train.py --benchmark-only` on a GPU to write one, or "
+                         f"give --mfu")
+    mfu, impl = max(found)
+    return mfu, f"{impl} on {results.machine.get('gpu') or 'an unnamed GPU'} ({results_path})"
+
+
+def report(e: Estimate, mfu_source: Optional[str] = None) -> str:
     s, lines = e.shape, []
     fpt = flops_per_token(s)
     lines.append(f"model: n_layer={s.n_layer} n_embd={s.n_embd} n_head={s.n_head} vocab={s.vocab_size} seq={s.seq}")
@@ -238,8 +256,12 @@ def report(e: Estimate) -> str:
     lines.append(f"  exact 6(N_ne+VC) + 12*L*C*T           {e.flops_exact:.3e}  ({fpt['exact']:.3e} per token, "
                  f"attention {12 * s.n_layer * s.n_embd * s.seq / fpt['exact']:.1%})")
     peak = GPU_PEAK_FLOPS[e.gpu]
-    lines.append(f"on {e.gpus} x {e.gpu} ({peak / 1e12:.0f} TFLOP/s peak each) at {e.mfu:.0%} MFU"
-                 f"{' (default; replace with our measured MFU)' if e.mfu == DEFAULT_MFU else ''}:")
+    if mfu_source:
+        source = f" (measured: {mfu_source})"
+    else:
+        source = " (default; --mfu-from a benchmark results file takes our measured MFU)" \
+            if e.mfu == DEFAULT_MFU else ""
+    lines.append(f"on {e.gpus} x {e.gpu} ({peak / 1e12:.0f} TFLOP/s peak each) at {e.mfu:.0%} MFU{source}:")
     lines.append(f"  GPU-hours {e.gpu_hours:,.0f}, wall time {_duration(e.wall_hours)}"
                  + (f", cost ${e.cost:,.0f} at ${e.price:g}/GPU-hour" if e.cost is not None else
                     " (give --price for the cost)"))
@@ -306,8 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default="a100", help=f"one of {', '.join(k.lower() for k in GPU_PEAK_FLOPS)}")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--price", type=float, help="dollars per GPU-hour")
-    p.add_argument("--mfu", type=float, default=DEFAULT_MFU,
-                   help=f"model FLOPs utilisation (default {DEFAULT_MFU}, until we measure ours)")
+    mfu = p.add_mutually_exclusive_group()
+    mfu.add_argument("--mfu", type=float, default=None,
+                     help=f"model FLOPs utilisation (default {DEFAULT_MFU}, or --mfu-from)")
+    mfu.add_argument("--mfu-from", metavar="RESULTS_JSON",
+                     help="take our best measured training-step MFU from this benchmark results file")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-batch (default 1)")
     p.add_argument("--plot", help="write a comparison PNG of the four GPT-2 sizes here")
     return p
@@ -322,8 +347,11 @@ def main(argv=None) -> int:
         else:
             shape = Shape.from_preset(args.model, seq=args.seq, n_layer=args.n_layer, n_embd=args.n_embd,
                                       n_head=args.n_head, vocab_size=args.vocab)
-        e = estimate(shape, args.tokens, args.gpu, args.gpus, args.mfu, args.price, args.micro_batch)
-        print(report(e))
+        mfu, mfu_source = (args.mfu if args.mfu is not None else DEFAULT_MFU), None
+        if args.mfu_from:
+            mfu, mfu_source = measured_mfu(args.mfu_from)
+        e = estimate(shape, args.tokens, args.gpu, args.gpus, mfu, args.price, args.micro_batch)
+        print(report(e, mfu_source))
         if args.plot:
             print(f"plot: {plot(args.tokens, args.plot, seq=args.seq or 1024)}")
     except ValueError as err:

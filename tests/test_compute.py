@@ -85,3 +85,26 @@ def test_train_uses_the_same_peak_table():
     assert train.GPU_PEAK_FLOPS is compute.GPU_PEAK_FLOPS
     assert compute.GPU_PEAK_FLOPS["V100"] == 125e12 and compute.GPU_PEAK_FLOPS["A100"] == 312e12
     assert compute.GPU_PEAK_FLOPS["H100"] == 989e12
+
+
+def test_mfu_from_a_benchmark_results_file(capsys, tmp_path):
+    from gpt2fast.bench import Figure, Results, Row, write_results
+
+    def train_row(impl, mfu):
+        ours = Figure(impl, 500_000.0, "tokens/s", True, shares={"detected": mfu, "H100": mfu})
+        return Row("train step GPT-2 124M", ours, Figure("plain", 400_000.0, "tokens/s", True), None, "train")
+
+    path = write_results(tmp_path / "r.json", Results(
+        [train_row("ours (eager)", 0.31), train_row("ours (torch.compile)", 0.47),
+         Row("attention", Figure("ours (triton)", 1.0, "ms", False, shares={"detected": 0.9}), None, None, "attention")],
+        {"gpu": "NVIDIA H100 80GB HBM3"}))
+    assert compute.measured_mfu(path) == (0.47, f"ours (torch.compile) on NVIDIA H100 80GB HBM3 ({path})")
+    assert main(["--model", "gpt2", "--tokens", "1e9", "--gpu", "h100", "--mfu-from", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "at 47% MFU (measured: ours (torch.compile) on NVIDIA H100" in out
+
+    empty = write_results(tmp_path / "empty.json", Results([], {}))
+    assert main(["--tokens", "1e9", "--mfu-from", str(empty)]) == 2
+    assert "holds no measured training-step MFU" in capsys.readouterr().err
+    assert main(["--tokens", "1e9", "--mfu-from", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
