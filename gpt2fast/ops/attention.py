@@ -84,7 +84,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if path == "torch":
         return attention_reference(q, k, v, causal)
     if path == "cuda":
-        return _CudaAttentionFn.apply(q, k, v, bool(causal))
+        from gpt2fast.ops import _cuda_library
+
+        return _cuda_library.attention(q, k, v, bool(causal))
     return _FlashAttentionFn.apply(q, k, v, bool(causal))
 
 
@@ -130,34 +132,6 @@ def _why_not_cuda(q, k, v) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------------------------- autograd
-class _CudaAttentionFn(torch.autograd.Function):
-    """The CUDA C++ kernels (gpt2fast._cuda_ops.attention_forward / attention_backward)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal):
-        from gpt2fast.ops._cuda import load_cuda_ops
-
-        module = load_cuda_ops()
-        q, k, v = (_cuda_ready(t) for t in (q, k, v))
-        o, lse = module.attention_forward(q, k, v, causal)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal = causal
-        ctx.module = module
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.module.attention_backward(_cuda_ready(do), q, k, v, o, lse, ctx.causal)
-        return dq, dk, dv, None
-
-
-def _cuda_ready(t: torch.Tensor) -> torch.Tensor:
-    """t itself when the CUDA kernels can read it in place (unit stride along D, 16-byte aligned rows: B, H and T
-    strides multiples of 8 elements), else a packed copy."""
-    if t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:3]) and t.data_ptr() % 16 == 0:
-        return t
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
 class _FlashAttentionFn(torch.autograd.Function):

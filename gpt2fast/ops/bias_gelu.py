@@ -46,7 +46,9 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, backend: str = "auto") -> tor
     if path == "torch":
         return bias_gelu_reference(x, bias)
     if path == "cuda":
-        return _CudaBiasGeluFn.apply(x, bias)
+        from gpt2fast.ops import _cuda_library
+
+        return _cuda_library.bias_gelu(x, bias)
     return _BiasGeluFn.apply(x, bias)
 
 
@@ -212,23 +214,3 @@ class _BiasGeluFn(torch.autograd.Function):
         x2, bias = ctx.saved_tensors
         dx, db = _backward(x2, bias, dy.contiguous().view(-1, x2.shape[-1]))
         return dx.view(dy.shape), db
-
-
-class _CudaBiasGeluFn(torch.autograd.Function):
-    """The CUDA C++ kernels (gpt2fast._cuda_ops.bias_gelu_forward / bias_gelu_backward)."""
-
-    @staticmethod
-    def forward(ctx, x, bias):
-        from gpt2fast.ops._cuda import load_cuda_ops
-
-        module = load_cuda_ops()
-        x_c, bias_c = x.contiguous(), bias.contiguous()
-        ctx.save_for_backward(x_c, bias_c)
-        ctx.module = module
-        return module.bias_gelu_forward(x_c, bias_c)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, bias = ctx.saved_tensors
-        dx, db = ctx.module.bias_gelu_backward(x, bias, dy.contiguous())
-        return dx, db

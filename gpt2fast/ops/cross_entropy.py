@@ -110,7 +110,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if t.dtype != torch.int64:
         t = t.to(torch.int64)
     if path == "cuda":
-        return _CudaCrossEntropyFn.apply(x, t, int(ignore_index))
+        from gpt2fast.ops import _cuda_library
+
+        return _cuda_library.cross_entropy(x, t, int(ignore_index))
     return _CrossEntropyFn.apply(x, t, int(ignore_index))
 
 
@@ -402,28 +404,6 @@ class _CrossEntropyFn(torch.autograd.Function):
         return grad, None, None
 
 
-class _CudaCrossEntropyFn(torch.autograd.Function):
-    """The CUDA C++ kernels (gpt2fast._cuda_ops.cross_entropy_forward / cross_entropy_backward)."""
-
-    @staticmethod
-    def forward(ctx, x, targets, ignore_index):
-        from gpt2fast.ops._cuda import load_cuda_ops
-
-        module = load_cuda_ops()
-        loss_rows, lse = module.cross_entropy_forward(x, targets, ignore_index)
-        n_valid = _count_valid(targets, ignore_index)
-        ctx.save_for_backward(x, targets, lse, n_valid)
-        ctx.ignore_index = ignore_index
-        ctx.module = module
-        return loss_rows.sum() / n_valid
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        x, targets, lse, n_valid = ctx.saved_tensors
-        scale = (grad_loss.float() / n_valid).reshape(1)
-        return ctx.module.cross_entropy_backward(x, targets, lse, scale, ctx.ignore_index), None, None
-
-
 def _chunk_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, scale: torch.Tensor,
                  want_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Plain-torch loss sum and d_logits (softmax - onehot) * scale of one chunk, fp32 inside."""
@@ -484,18 +464,18 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         if path == "cuda":
-            from gpt2fast.ops._cuda import load_cuda_ops
-
-            module = load_cuda_ops()
+            from gpt2fast.ops import _cuda_library
         for start in range(0, rows, chunk):
             h_c = h[start:start + chunk]
             t_c = targets[start:start + chunk]
             logits = h_c @ weight.T  # (chunk, V), input dtype: the only logits that ever exist
             if path == "cuda":
-                loss_rows, lse = module.cross_entropy_forward(logits, t_c, ignore_index)
+                loss_rows, lse = _cuda_library.cross_entropy_rows(logits, t_c, ignore_index)
                 loss_sum += loss_rows.sum()
-                d_logits = module.cross_entropy_backward(logits, t_c, lse, scale, ignore_index, logits) \
-                    if want_grads else None
+                d_logits = None
+                if want_grads:
+                    _cuda_library.cross_entropy_grad_(logits, t_c, lse, scale, ignore_index)
+                    d_logits = logits
             elif path == "triton":
                 loss_rows, lse = _launch_forward(logits, t_c, ignore_index)
                 loss_sum += loss_rows.sum()

@@ -64,7 +64,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residu
     if path == "torch":
         return layer_norm_reference(x, weight, bias, residual, eps)
     if path == "cuda":
-        return _CudaLayerNormFn.apply(x, weight, bias, residual, float(eps))
+        from gpt2fast.ops import _cuda_library
+
+        return _cuda_library.layer_norm(x, weight, bias, residual, float(eps))
     return _LayerNormFn.apply(x, weight, bias, residual, float(eps))
 
 
@@ -282,37 +284,5 @@ class _LayerNormFn(torch.autograd.Function):
         dx = dx.view(shape)
         dres = None
         if ctx.has_residual:  # h = x + residual: both receive dL/dh
-            dres = dx if ctx.residual_dtype == dx.dtype else dx.to(ctx.residual_dtype)
-        return dx, dw, db, dres, None
-
-
-class _CudaLayerNormFn(torch.autograd.Function):
-    """The CUDA C++ kernels (gpt2fast._cuda_ops.layer_norm_forward / layer_norm_backward)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps):
-        from gpt2fast.ops._cuda import load_cuda_ops
-
-        module = load_cuda_ops()
-        x_c = x.contiguous()
-        r_c = residual.contiguous() if residual is not None else None
-        weight_c, bias_c = weight.contiguous(), bias.contiguous()
-        y, h, mean, rstd = module.layer_norm_forward(x_c, weight_c, bias_c, r_c, eps)
-        ctx.save_for_backward(h if h is not None else x_c, weight_c, mean, rstd)
-        ctx.module = module
-        ctx.has_residual = residual is not None
-        ctx.residual_dtype = residual.dtype if residual is not None else None
-        ctx.set_materialize_grads(False)
-        return y if h is None else (y, h)
-
-    @staticmethod
-    def backward(ctx, dy, dh=None):
-        h, weight, mean, rstd = ctx.saved_tensors
-        if dy is None:  # only h was used downstream: dL/dh passes straight through to x and the residual
-            return dh, None, None, dh if dh.dtype == ctx.residual_dtype else dh.to(ctx.residual_dtype), None
-        dx, dw, db = ctx.module.layer_norm_backward(h, dy.contiguous(), dh.contiguous() if dh is not None else None,
-                                                    weight, mean, rstd)
-        dres = None
-        if ctx.has_residual:
             dres = dx if ctx.residual_dtype == dx.dtype else dx.to(ctx.residual_dtype)
         return dx, dw, db, dres, None
