@@ -59,6 +59,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1...
     seed: int = 1337
     # evaluation, logging, checkpoints
+    tensorboard: bool = False  # also write the metrics for TensorBoard to out_dir/tensorboard (pip install tensorboard)
     eval_interval: int = 50  # steps between validation runs
     eval_batches: int = 8  # micro-batches per validation run
     sample_interval: int = 0  # steps between samples printed while training; 0: only at the end
@@ -517,10 +518,22 @@ class Trainer:
         return save_checkpoint(self.out_dir, model, self.optimizer, self.scaler, self.step, self.train_loader,
                                self.cfg, self.cfg.keep_checkpoints, optimizer_state=optimizer_state)
 
+    def _tensorboard_writer(self):
+        """A SummaryWriter under out_dir/tensorboard when --tensorboard is on (main process), else None."""
+        if not (self.cfg.tensorboard and self.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise RuntimeError(f"--tensorboard=true needs the tensorboard package ({e}): pip install tensorboard, "
+                               f"or leave it off (metrics.jsonl has the same figures)") from None
+        return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=self.step + 1)
+
     def run(self) -> dict:
         cfg = self.cfg
         peak = peak_flops(self.device)
         fpt = flops_per_token(self.model)
+        tensorboard = self._tensorboard_writer()  # before anything is written: a missing package stops here
         metrics_file = open(self.out_dir / "metrics.jsonl", "a" if cfg.resume else "w", encoding="utf-8") \
             if self.is_main else open(os.devnull, "w")
         self.log(f"training {cfg.model} ({self.model.num_params() / 1e6:.1f}M parameters) on {self.device} in "
@@ -559,6 +572,10 @@ class Trainer:
                     record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+                if tensorboard is not None:
+                    for key, value in record.items():
+                        if key not in ("step", "time") and value is not None:
+                            tensorboard.add_scalar(f"train/{key}", value, self.step)
                 self.history.append((self.step, loss, val_loss, lr))
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}",
@@ -586,6 +603,8 @@ class Trainer:
                                f"turn on --gradient_checkpointing=true") from None
         finally:
             metrics_file.close()
+            if tensorboard is not None:
+                tensorboard.close()
         bar.close()
         if val_loss is None:
             val_loss = self.evaluate()

@@ -165,6 +165,50 @@ def test_non_finite_losses_are_skipped_then_stop(tmp_path, small_shards, monkeyp
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
+def test_out_of_memory_names_the_knobs(tmp_path, small_shards, monkeypatch):
+    trainer = Trainer(quick(tmp_path, small_shards, batch_size=2), log=lambda s: None)
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "train_step", oom)
+    with pytest.raises(RuntimeError, match=r"out of GPU memory at micro-batch 2 x 32: lower --batch_size .*"
+                                           r"--gradient_checkpointing=true"):
+        trainer.run()
+
+
+def test_tensorboard_scalars(tmp_path, small_shards, monkeypatch):
+    """--tensorboard=true writes every metric of metrics.jsonl as a scalar; without the package it says how to
+    get it before training starts."""
+    import sys
+    import types
+
+    written = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            written.append(("open", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def close(self):
+            written.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    Trainer(quick(tmp_path, small_shards, max_steps=3, tensorboard=True), log=lambda s: None).run()
+    assert written[0] == ("open", str(tmp_path / "out" / "tensorboard")) and written[-1] == ("close",)
+    logged = metrics(tmp_path / "out")
+    assert ("train/loss", logged[2]["loss"], 2) in written
+    assert ("train/val_loss", logged[3]["val_loss"], 3) in written
+    assert {w[0] for w in written[1:-1]} >= {"train/loss", "train/lr", "train/tokens_per_s", "train/val_ppl"}
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(RuntimeError, match="needs the tensorboard package"):
+        Trainer(quick(tmp_path / "again", small_shards, tensorboard=True), log=lambda s: None).run()
+    assert not (tmp_path / "again" / "out" / "metrics.jsonl").exists()
+
+
 def test_interrupt_saves_a_checkpoint(tmp_path, small_shards, monkeypatch):
     trainer = Trainer(quick(tmp_path, small_shards), log=lambda s: None)
     calls = {"n": 0}
