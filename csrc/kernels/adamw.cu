@@ -137,8 +137,7 @@ cudaError_t adamw_step(DType param_dtype, DType grad_dtype, const AdamWTensor* t
   return dispatch_pair(param_dtype, grad_dtype, [&](auto p_tag, auto g_tag) -> cudaError_t {
     using P = decltype(p_tag);
     using G = decltype(g_tag);
-    adamw_kernel<P, G><<<grid, kThreads, 0, stream>>>(table, num_tensors, h);
-    return cudaGetLastError();
+    return launch_kernel(adamw_kernel<P, G>, grid, kThreads, 0, stream, table, num_tensors, h);
   });
 }
 

@@ -188,15 +188,9 @@ cudaError_t bias_gelu_forward(DType dtype, DType bias_dtype, const void* x, int6
     using T = decltype(t_tag);
     using B = decltype(b_tag);
     constexpr int V = vec_of<T>();
-    if (n == V)
-      bias_gelu_forward_kernel<T, B, V><<<grid, block, 0, stream>>>(static_cast<const T*>(x), x_row_stride,
-                                                                     static_cast<const B*>(bias),
-                                                                     static_cast<T*>(y), rows, width);
-    else
-      bias_gelu_forward_kernel<T, B, 1><<<grid, block, 0, stream>>>(static_cast<const T*>(x), x_row_stride,
-                                                                     static_cast<const B*>(bias),
-                                                                     static_cast<T*>(y), rows, width);
-    return cudaGetLastError();
+    return launch_kernel(n == V ? bias_gelu_forward_kernel<T, B, V> : bias_gelu_forward_kernel<T, B, 1>, grid, block,
+                         0, stream, static_cast<const T*>(x), x_row_stride, static_cast<const B*>(bias),
+                         static_cast<T*>(y), rows, width);
   });
 }
 
@@ -226,15 +220,10 @@ cudaError_t bias_gelu_backward(DType dtype, DType bias_dtype, const void* x, int
     const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(tiles));
     const dim3 block(kThreadsX, kThreadsY);
     constexpr int V = vec_of<T>();
-    if (n == V)
-      bias_gelu_backward_kernel<T, B, V><<<grid, block, 0, stream>>>(
-          static_cast<const T*>(x), x_row_stride, static_cast<const B*>(bias), static_cast<const T*>(dy),
-          dy_row_stride, static_cast<T*>(dx), partials, rows, width, rows_per_block);
-    else
-      bias_gelu_backward_kernel<T, B, 1><<<grid, block, 0, stream>>>(
-          static_cast<const T*>(x), x_row_stride, static_cast<const B*>(bias), static_cast<const T*>(dy),
-          dy_row_stride, static_cast<T*>(dx), partials, rows, width, rows_per_block);
-    cudaError_t err = cudaGetLastError();
+    cudaError_t err = launch_kernel(
+        n == V ? bias_gelu_backward_kernel<T, B, V> : bias_gelu_backward_kernel<T, B, 1>, grid, block, 0, stream,
+        static_cast<const T*>(x), x_row_stride, static_cast<const B*>(bias), static_cast<const T*>(dy),
+        dy_row_stride, static_cast<T*>(dx), partials, rows, width, rows_per_block);
     if (err != cudaSuccess) return err;
     return launch_column_sums<B>(partials, groups, width, static_cast<B*>(dbias), static_cast<B*>(dbias), 1,
                                  stream);

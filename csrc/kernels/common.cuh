@@ -46,6 +46,24 @@ inline int current_device_major(int* device_out = nullptr) {
   return majors[device];
 }
 
+// ------------------------------------------------------------------------------------------ launches
+// Every kernel is launched through launch_kernel() and reaches its dynamic shared memory through
+// GPT2FAST_DYNAMIC_SHARED, never with <<<>>> or `extern __shared__` directly: the tests compile these files with
+// g++ against a CPU emulator of CUDA (tests/cpp/cuda_emu/), which defines GPT2FAST_CUDA_EMULATOR and its own
+// versions of both (a launch runs block after block, one OS thread per CUDA thread).
+#ifndef GPT2FAST_CUDA_EMULATOR
+#define GPT2FAST_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+
+// kernel<<<grid, block, smem, stream>>>(args...), each argument converted to its parameter's type as the
+// triple-chevron launch converts it; returns the launch status.
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          Args... args) {
+  kernel<<<grid, block, smem, stream>>>(static_cast<Params>(args)...);
+  return cudaGetLastError();
+}
+#endif
+
 inline bool device_supports(DType t) { return t != DType::kBFloat16 || current_device_major() >= 8; }
 
 inline int sm_count(int device) {
@@ -183,8 +201,7 @@ cudaError_t launch_column_sums(const float* partials, int64_t groups, int64_t wi
   const dim3 block(kColumnSumThreadsX, kColumnSumThreadsY);
   const dim3 grid(static_cast<unsigned>((width + kColumnSumThreadsX - 1) / kColumnSumThreadsX),
                   static_cast<unsigned>(n_outputs));
-  column_sums_kernel<W><<<grid, block, 0, stream>>>(partials, groups, width, out0, out1);
-  return cudaGetLastError();
+  return launch_kernel(column_sums_kernel<W>, grid, block, 0, stream, partials, groups, width, out0, out1);
 }
 
 // ------------------------------------------------------------------------------------------ dispatch

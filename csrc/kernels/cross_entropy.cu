@@ -204,9 +204,9 @@ cudaError_t cross_entropy_forward(DType dtype, const void* logits, int64_t row_s
   return dispatch_one(dtype, [&](auto t_tag) -> cudaError_t {
     using T = decltype(t_tag);
     const int threads = threads_for(n_classes, vec_of<T>());
-    cross_entropy_forward_kernel<T><<<grid_for(rows), threads, 0, stream>>>(
-        static_cast<const T*>(logits), row_stride, targets, loss, lse, rows, n_classes, ignore_index);
-    return cudaGetLastError();
+    return launch_kernel(cross_entropy_forward_kernel<T>, grid_for(rows), threads, 0, stream,
+                         static_cast<const T*>(logits), row_stride, targets, loss, lse, rows, n_classes,
+                         ignore_index);
   });
 }
 
@@ -225,13 +225,9 @@ cudaError_t cross_entropy_backward(DType dtype, const void* logits, int64_t row_
                      (rows <= 1 || ((grad_row_stride - row_stride) * static_cast<int64_t>(sizeof(T))) % 16 == 0);
     const T* x = static_cast<const T*>(logits);
     T* g = static_cast<T*>(grad);
-    if (vec)
-      cross_entropy_backward_kernel<T, true><<<grid_for(rows), threads, 0, stream>>>(
-          x, row_stride, targets, lse, scale, g, grad_row_stride, rows, n_classes, ignore_index);
-    else
-      cross_entropy_backward_kernel<T, false><<<grid_for(rows), threads, 0, stream>>>(
-          x, row_stride, targets, lse, scale, g, grad_row_stride, rows, n_classes, ignore_index);
-    return cudaGetLastError();
+    return launch_kernel(vec ? cross_entropy_backward_kernel<T, true> : cross_entropy_backward_kernel<T, false>,
+                         grid_for(rows), threads, 0, stream, x, row_stride, targets, lse, scale, g,
+                         grad_row_stride, rows, n_classes, ignore_index);
   });
 }
 

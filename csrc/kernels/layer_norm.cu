@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kBwdMaxTeam) layer_norm_backward_kernel(BwdPar
     constexpr int V = vec_of<T>();
     constexpr int C = kBwdMaxElems / V;
     __shared__ float2 scratch[kMaxTeamsPerBlock * 32];
-    extern __shared__ float team_partials[];  // 2 * width floats, when blockDim.y > 1
+    GPT2FAST_DYNAMIC_SHARED(float, team_partials);  // 2 * width floats, when blockDim.y > 1
     const T* __restrict__ h = static_cast<const T*>(p.h);
     const T* __restrict__ dy = static_cast<const T*>(p.dy);
     const T* __restrict__ dh = static_cast<const T*>(p.dh);
@@ -400,11 +400,10 @@ cudaError_t layer_norm_forward(DType dtype, DType param_dtype, const void* x, in
     const dim3 block(s.team, s.teams);
     const unsigned grid = static_cast<unsigned>(std::min<int64_t>(ceil_div(rows, s.teams), 1 << 30));
     const bool has_res = residual != nullptr;
-    if (vec && has_res) layer_norm_forward_kernel<T, P, true, true><<<grid, block, 0, stream>>>(p);
-    else if (vec) layer_norm_forward_kernel<T, P, true, false><<<grid, block, 0, stream>>>(p);
-    else if (has_res) layer_norm_forward_kernel<T, P, false, true><<<grid, block, 0, stream>>>(p);
-    else layer_norm_forward_kernel<T, P, false, false><<<grid, block, 0, stream>>>(p);
-    return cudaGetLastError();
+    void (*kernel)(FwdParams) =
+        vec ? (has_res ? layer_norm_forward_kernel<T, P, true, true> : layer_norm_forward_kernel<T, P, true, false>)
+            : (has_res ? layer_norm_forward_kernel<T, P, false, true> : layer_norm_forward_kernel<T, P, false, false>);
+    return launch_kernel(kernel, grid, block, 0, stream, p);
   });
 }
 
@@ -444,11 +443,10 @@ cudaError_t layer_norm_backward(DType dtype, DType param_dtype, const void* h, i
     const unsigned grid = static_cast<unsigned>(p.groups);
     const size_t smem = s.teams > 1 ? 2 * static_cast<size_t>(width) * sizeof(float) : 0;
     const bool has_dh = dh != nullptr;
-    if (vec && has_dh) layer_norm_backward_kernel<T, P, true, true><<<grid, block, smem, stream>>>(p);
-    else if (vec) layer_norm_backward_kernel<T, P, true, false><<<grid, block, smem, stream>>>(p);
-    else if (has_dh) layer_norm_backward_kernel<T, P, false, true><<<grid, block, smem, stream>>>(p);
-    else layer_norm_backward_kernel<T, P, false, false><<<grid, block, smem, stream>>>(p);
-    cudaError_t err = cudaGetLastError();
+    void (*kernel)(BwdParams) =
+        vec ? (has_dh ? layer_norm_backward_kernel<T, P, true, true> : layer_norm_backward_kernel<T, P, true, false>)
+            : (has_dh ? layer_norm_backward_kernel<T, P, false, true> : layer_norm_backward_kernel<T, P, false, false>);
+    cudaError_t err = launch_kernel(kernel, grid, block, smem, stream, p);
     if (err != cudaSuccess) return err;
     // The partials have p.groups rows per output; the dbias half starts at row p.groups.
     return launch_column_sums<P>(partials, p.groups, width, static_cast<P*>(dweight), static_cast<P*>(dbias), 2,
