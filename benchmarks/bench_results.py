@@ -120,8 +120,11 @@ def machine_info(quick: bool) -> Dict[str, Any]:
                             "measured_ceilings": dict(SESSION.get("measured_ceilings") or {}),
                             "corpus": SESSION.get("corpus")}
     torch = sys.modules.get("torch")  # imported by _versions where installed
-    if info["gpu"] is None and torch is not None and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
+    if torch is not None and torch.cuda.is_available():
+        if info["gpu"] is None:
+            info["gpu"] = torch.cuda.get_device_name()
+        major, minor = torch.cuda.get_device_capability()
+        info["gpu_arch"] = f"sm_{major}{minor}"  # what `python -m gpt2fast.bench prefer` keys its choice by
     return info
 
 

@@ -291,3 +291,60 @@ def test_gpu_report_shares_and_recorded_figure(recorder, monkeypatch):
     tokens = gpu_timing.record_figures("t", "ours", "ours (eager)", flops, suite="train", value=6e5,
                                        unit="tokens/s", higher_is_better=True)
     assert str(tokens) == "600,000 tokens/s (494.5 TFLOP/s) ours (eager)"
+
+
+# ------------------------------------------------------------------------------ prefer (backend choice)
+def _op_rows():
+    def ms(impl, value):
+        return Figure(impl, value, "ms", False)
+
+    sdpa = ms("SDPA", 0.5)
+    rows = []
+    for name, triton, cuda in [("attention fwd+bwd B16-H12-T1024-D64", 0.40, 0.55),
+                               ("attention fwd B16-H12-T1024-D64", 0.09, 0.12),
+                               ("residual + LayerNorm fwd 16384x768", 0.030, 0.025),
+                               ("residual + LayerNorm fwd+bwd 16384x768", 0.080, 0.070)]:
+        rows += [Row(name, ms("ours (triton)", triton), sdpa, 1.0, "ops"),
+                 Row(name, ms("ours (cuda)", cuda), sdpa, 1.0, "ops")]
+    rows.append(Row("bias + GELU fwd 16384x3072", ms("ours (triton)", 0.05), sdpa, None, "ops"))  # no cuda timing
+    return rows
+
+
+def test_prefer_records_the_faster_backend_per_op(tmp_path, monkeypatch, capsys):
+    from gpt2fast import backend_prefs
+
+    prefs_file = tmp_path / "prefs.json"
+    monkeypatch.setenv(backend_prefs.ENV, str(prefs_file))
+    path = write_results(tmp_path / "r.json", Results(_op_rows(), {"gpu": "NVIDIA H100", "gpu_arch": "sm_90"}))
+    totals = bench.backend_timings(load_results(path))
+    assert set(totals) == {"attention", "layer_norm"} and totals["attention"]["n"] == 2
+    assert totals["attention"]["triton"] == pytest.approx(0.49) and totals["layer_norm"]["cuda"] == pytest.approx(0.095)
+
+    assert main(["prefer", str(path), "--dry-run"]) == 0
+    assert not prefs_file.exists()
+    assert main(["prefer", str(path)]) == 0
+    assert "attention" in capsys.readouterr().out
+    assert backend_prefs.load(prefs_file) == {"sm_90": {"attention": "triton", "layer_norm": "cuda"}}
+    # another GPU's entry is kept beside it
+    backend_prefs.save("sm_80", {"attention": "cuda"}, "test", prefs_file)
+    assert backend_prefs.load(prefs_file)["sm_90"] == {"attention": "triton", "layer_norm": "cuda"}
+
+
+def test_prefer_needs_a_gpu_run_with_both_backends(tmp_path, capsys):
+    no_arch = write_results(tmp_path / "cpu.json", Results(_op_rows(), {"gpu": None}))
+    assert main(["prefer", str(no_arch)]) == 2
+    assert "names no GPU architecture" in capsys.readouterr().err
+    triton_only = write_results(tmp_path / "t.json", Results(_op_rows()[-1:], {"gpu_arch": "sm_90"}))
+    assert main(["prefer", str(triton_only)]) == 2
+    assert "no op timed on both" in capsys.readouterr().err
+
+
+def test_a_damaged_preferences_file_is_ignored_with_a_warning(tmp_path):
+    from gpt2fast import backend_prefs
+
+    bad = tmp_path / "prefs.json"
+    bad.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="ignoring the backend preferences"):
+        assert backend_prefs.load(bad) == {}
+    with pytest.raises(ValueError, match="must be one of"):
+        backend_prefs.save("sm_90", {"attention": "cudnn"}, "test", bad)

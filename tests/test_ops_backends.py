@@ -75,3 +75,26 @@ def test_auto_with_nothing_available_warns_once_with_the_reason():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _dispatch.choose("op_d", "auto", "no Triton here", lambda: "no GPU") == "torch"
+
+
+def test_this_machines_measurement_orders_auto(tmp_path):
+    """A preferences file written by `python -m gpt2fast.bench prefer` is read when gpt2fast.ops is imported,
+    and beats the shipped table (the environment variable beats both)."""
+    import os
+    import subprocess
+    import sys
+
+    from gpt2fast import backend_prefs
+
+    prefs = tmp_path / "prefs.json"
+    backend_prefs.save("sm_90", {"attention": "cuda"}, "test", prefs)
+    script = ("from gpt2fast.ops import _dispatch as d; "
+              "d.PREFERRED[('attention', 'sm_90')] = 'triton'; "
+              "print(d.preferred_order('attention', 'sm_90')[0], d.preferred_order('layer_norm', 'sm_90')[0])")
+    env = {**os.environ, backend_prefs.ENV: str(prefs)}
+    env.pop("GPT2FAST_PREFER_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["cuda", "triton"], out.stderr
+    env["GPT2FAST_PREFER_BACKEND"] = "triton"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["triton", "triton"], out.stderr

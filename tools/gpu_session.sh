@@ -57,6 +57,8 @@ bench() {  # name, pytest paths...
     --gpt2fast-json="$OUT/$name.json"
   if [[ -f "$OUT/$name.json" ]]; then
     "$PY" -m gpt2fast.bench report "$OUT/$name.json" --out "$OUT/$name" >/dev/null 2>&1 || true
+    # which of ours (triton) / ours (cuda) is faster per op here (printed; `prefer` without --dry-run records it)
+    "$PY" -m gpt2fast.bench prefer "$OUT/$name.json" --dry-run >"$OUT/$name.prefer.txt" 2>&1 || true
   fi
 }
 
@@ -73,5 +75,5 @@ done
 
 echo "=== summary ($(date -u +%FT%TZ), $(cat "$OUT/versions.txt" 2>/dev/null | tail -1))"
 for line in "${summary[@]}"; do echo "  $line"; done
-for md in "$OUT"/bench-*.md; do [[ -f "$md" ]] && { echo "--- $(basename "$md")"; cat "$md"; }; done
+for md in "$OUT"/bench-*.md "$OUT"/bench-*.prefer.txt; do [[ -f "$md" ]] && { echo "--- $(basename "$md")"; cat "$md"; }; done
 exit $status

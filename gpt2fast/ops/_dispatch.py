@@ -21,14 +21,20 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
+from gpt2fast import backend_prefs
+
 BACKENDS = ("auto", "cuda", "triton", "torch")
 _warned: set = set()
 
 # Which fused path "auto" tries first, per op and GPU architecture ("sm_90"), from the benchmarks' side-by-side
 # timings (benchmarks/test_bench_ops_*.py, recorded in benchmarks/RESULTS.md). An op or GPU with no measurement
-# tries Triton first (autotuned per shape), then CUDA. GPT2FAST_PREFER_BACKEND=cuda|triton overrides the table.
-# Empty so far: no side-by-side GPU run of the two paths has been recorded yet.
+# tries Triton first (autotuned per shape), then CUDA. In order, the first that has an answer wins:
+# GPT2FAST_PREFER_BACKEND=cuda|triton; this machine's own measurement (MEASURED: written by
+# `python -m gpt2fast.bench prefer results.json`, read once at import; see gpt2fast/backend_prefs.py); the table
+# shipped here. PREFERRED is empty so far: no side-by-side GPU run of the two paths has been recorded yet.
 PREFERRED: Dict[Tuple[str, str], str] = {}
+MEASURED: Dict[Tuple[str, str], str] = {
+    (op, arch): backend for arch, ops in backend_prefs.load().items() for op, backend in ops.items()}
 NO_CUDA_KERNEL = "there is no CUDA C++ kernel for this op"
 
 
@@ -116,7 +122,8 @@ def device_arch(tensors: Iterable[torch.Tensor]) -> Optional[str]:
 
 def preferred_order(op: str, arch: Optional[str]) -> Tuple[str, str]:
     """The order in which "auto" tries the fused paths for ``op`` on ``arch``."""
-    first = os.environ.get("GPT2FAST_PREFER_BACKEND") or PREFERRED.get((op, arch or "cpu"), "triton")
+    key = (op, arch or "cpu")
+    first = os.environ.get("GPT2FAST_PREFER_BACKEND") or MEASURED.get(key) or PREFERRED.get(key, "triton")
     if first not in ("cuda", "triton"):
         raise ValueError(f"GPT2FAST_PREFER_BACKEND={first!r}: set it to 'cuda' or 'triton' (or unset it)")
     return (first, "triton" if first == "cuda" else "cuda")
