@@ -51,6 +51,9 @@ class StandIn:
         return self._into(q, dq), self._into(k, dk), self._into(v, dv)
 
     def layer_norm_forward(self, x, weight, bias, residual=None, eps=1e-5):
+        # the binding's dtype rules
+        assert residual is None or residual.dtype == x.dtype, "residual must have x's dtype"
+        assert weight.dtype in (x.dtype, torch.float32) and bias.dtype == weight.dtype
         h = (x + residual).to(x.dtype).contiguous() if residual is not None else None
         src = (h if h is not None else x).float()
         mean = src.mean(-1)
@@ -250,3 +253,18 @@ def test_inputs_the_kernels_cannot_read_in_place_are_packed_inside_the_operator(
     torch.library.opcheck(torch.ops.gpt2fast.attention_fwd.default, (q, k, v, False))
     o = L.attention(q, k, v, False)
     torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_on_an_fp32_stream_with_bf16_activations(stand_in):
+    """Autocast's mix (bf16 sublayer output, fp32 residual stream and parameters), which the kernel does not
+    take as is: the wrapper rounds the stream to x's dtype, h comes back in x's dtype, and every gradient in
+    its input's dtype."""
+    x = rand(3, 5, 32, seed=1).detach().bfloat16().requires_grad_()
+    r, w, b = rand(3, 5, 32, seed=2), rand(32, seed=3), rand(32, seed=4)
+    y, h = L.layer_norm(x, w, b, r, 1e-5)
+    assert y.dtype == h.dtype == torch.bfloat16
+    dx, dr, dw, db = torch.autograd.grad((y.float().square().sum() + h.float().sum()), (x, r, w, b))
+    assert (dx.dtype, dr.dtype, dw.dtype, db.dtype) == (torch.bfloat16, torch.float32, torch.float32, torch.float32)
+    h_ref = (x.float() + r).bfloat16()
+    torch.testing.assert_close(h, h_ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y.float(), F.layer_norm(h_ref.float(), (32,), w, b, 1e-5), rtol=2e-2, atol=2e-2)

@@ -301,10 +301,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], eps: float):
-    """y, or (y, h) with a residual, as gpt2fast.ops.layer_norm returns them."""
+    """y, or (y, h) with a residual, as gpt2fast.ops.layer_norm returns them (h in x's dtype)."""
     weight, bias = weight.contiguous(), bias.contiguous()
     if residual is None:
         return layer_norm_fwd(x.contiguous(), weight, bias, eps)[0]
+    if residual.dtype != x.dtype:
+        # The kernel adds two tensors of one dtype. Under autocast the stream arrives in fp32 beside a bf16
+        # sublayer output; h is x's dtype anyway, and autograd carries dresidual back through the cast.
+        residual = residual.to(x.dtype)
     y, h, _, _ = add_layer_norm_fwd(x.contiguous(), weight, bias, residual.contiguous(), eps)
     return y, h
 
