@@ -87,6 +87,17 @@ struct alignas(16) Chunk {
 G2F_ATTN_CONSTEXPR int tile_elements(int rows, int d) { return rows * (d + kPad); }
 G2F_ATTN_CONSTEXPR int transposed_elements(int rows, int d) { return d * (rows + kPad); }
 
+// Where element (d, r) of a transposed (d x rows) tile lives. Its 32-bit words (pairs r, r + 1) are XOR-swizzled
+// by d / 8: a warp storing a tile transposed writes 8 (rows = 64) or 16 chunks of the same source rows, i.e.
+// the same column r of rows d that are 8 apart, which the padding alone maps to one bank (8 * 36 words = 0 mod
+// 32). The swizzle moves each such row's word by 4 (d / 8 mod rows / 8) words, spreading those stores over the
+// banks, while the fragment loads, which read 8 rows d of one group of 8 at words 4 g + t, keep one XOR
+// constant per load and stay conflict-free. The swizzled word stays inside the row's rows / 2 data words.
+G2F_ATTN_FN int transposed_index(int rows, int d, int r) {
+  const int word = (r / 2) ^ ((d / 8) % (rows / 8) * 4);
+  return d * (rows + kPad) + 2 * word + (r & 1);
+}
+
 // Hands out consecutive regions of a block's shared memory (every region a multiple of 16 bytes long).
 struct SmemCursor {
   unsigned char* next;
@@ -119,8 +130,8 @@ G2F_ATTN_FN E* row_ptr_mut(void* base, const Strides& s, int b, int h, int64_t t
 }
 
 // Copies rows [row0, row0 + n_rows) of a (T, D) slice into shared memory, zero rows past the sequence end:
-// row-major into `rm` (row stride D + kPad) when not null, and transposed into `tr` ((D, n_rows + kPad)) when not
-// null. Every thread of the block takes part.
+// row-major into `rm` (row stride D + kPad) when not null, and transposed into `tr` (D x n_rows, laid out by
+// transposed_index) when not null. Every thread of the block takes part.
 template <class E, int D>
 G2F_ATTN_FN void load_tile(const void* base, const Strides& s, int b, int h, int row0, int n_rows, int seq,
                            E* rm, E* tr, int tid) {
@@ -134,7 +145,7 @@ G2F_ATTN_FN void load_tile(const void* base, const Strides& s, int b, int h, int
     if (tr) {
       E elems[kPerChunk];
       memcpy(elems, &chunk, 16);
-      for (int e = 0; e < kPerChunk; ++e) tr[(c * kPerChunk + e) * (n_rows + kPad) + r] = elems[e];
+      for (int e = 0; e < kPerChunk; ++e) tr[transposed_index(n_rows, c * kPerChunk + e, r)] = elems[e];
     }
   }
 }
@@ -175,10 +186,9 @@ G2F_ATTN_FN void mma_a_times_rows_t(const uint32_t (&a)[D / 16][4], const E* x, 
 }
 
 // acc[dn] (16 x 8 tile dn of a 16 x D product) += P (16 x N, held as C tiles p[N / 8][4]) times Y, where Y
-// (N x D) is stored transposed in shared memory: yt[d][n] with row stride N + kPad.
+// (N x D) is stored transposed in shared memory: element (n, d) at yt[transposed_index(N, d, n)].
 template <class E, int D, int N>
 G2F_ATTN_FN void mma_c_times_transposed(const float (&p)[N / 8][4], const E* yt, int g, int t, float (&acc)[D / 8][4]) {
-  constexpr int ld = N + kPad;
 #pragma unroll
   for (int kk = 0; kk < N / 16; ++kk) {
     const uint32_t a[4] = {attn_port::pack2<E>(p[2 * kk][0], p[2 * kk][1]),
@@ -187,8 +197,13 @@ G2F_ATTN_FN void mma_c_times_transposed(const float (&p)[N / 8][4], const E* yt,
                            attn_port::pack2<E>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
-      const uint32_t b0 = word_at(yt, ld, dn * 8 + g, kk * 16 + 2 * t);
-      const uint32_t b1 = word_at(yt, ld, dn * 8 + g, kk * 16 + 2 * t + 8);
+      // transposed_index(N, 8 dn + g, 16 kk + 2 t [+ 8]) spelled so that only g and t are run-time values (the
+      // swizzle of rows 8 dn..8 dn + 7 is one constant with clear low bits, so (8 kk ^ swz) + t is the word):
+      // the unrolled loads are one base address plus constant offsets, as without the swizzle.
+      const int swz = (dn % (N / 8)) * 4;
+      const E* row = yt + (dn * 8 + g) * (N + kPad) + 2 * t;
+      const uint32_t b0 = attn_port::load_u32(row + 2 * ((kk * 8) ^ swz));
+      const uint32_t b1 = attn_port::load_u32(row + 2 * ((kk * 8 + 4) ^ swz));
       attn_port::mma16816<E>(acc[dn], a, b0, b1);
     }
   }
