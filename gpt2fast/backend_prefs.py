@@ -50,13 +50,18 @@ def save(arch: str, preferences: Dict[str, str], source: str, file: Optional[Pat
         if backend not in BACKENDS:
             raise ValueError(f"backend preference {op}={backend!r}: must be one of {BACKENDS}")
     file = Path(file) if file is not None else path()
-    archs = load(file)
-    sources = {}
-    if file.is_file():
+    archs: Dict[str, Dict[str, str]] = {}
+    sources: Dict[str, str] = {}
+    if file.exists():  # keep the other architectures' entries; never overwrite a file that is not ours
         try:
-            sources = dict(json.loads(file.read_text(encoding="utf-8")).get("sources") or {})
-        except (OSError, ValueError, AttributeError):
-            sources = {}
+            data = json.loads(file.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
+                raise ValueError(f"it is not a {FORMAT} file")
+            archs = {a: dict(ops) for a, ops in data["archs"].items()}
+            sources = dict(data.get("sources") or {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{file} exists but cannot be updated ({type(e).__name__}: {e}); move it away, or "
+                             f"set {ENV} to another path") from None
     archs[arch] = dict(preferences)
     sources[arch] = source
     file.parent.mkdir(parents=True, exist_ok=True)

@@ -348,3 +348,7 @@ def test_a_damaged_preferences_file_is_ignored_with_a_warning(tmp_path):
         assert backend_prefs.load(bad) == {}
     with pytest.raises(ValueError, match="must be one of"):
         backend_prefs.save("sm_90", {"attention": "cudnn"}, "test", bad)
+    # a file that is not ours is never overwritten
+    with pytest.raises(ValueError, match="exists but cannot be updated"):
+        backend_prefs.save("sm_90", {"attention": "cuda"}, "test", bad)
+    assert bad.read_text() == "{not json"

@@ -38,11 +38,16 @@ def _op(name: str):
 
 
 # ------------------------------------------------------------------------------------------ attention
+def _stored_bthd(t: Tensor) -> bool:
+    """Whether the (B, H, T, D) tensor ``t`` is (a view of) one stored in (B, T, H, D) order."""
+    return t.shape[1] > 1 and t.shape[2] > 1 and t.stride(1) < t.stride(2)
+
+
 def empty_attention_like(t: Tensor) -> Tensor:
     """An empty (B, H, T, D) tensor stored (B, T, H, D) when ``t`` is (a view of) that order, contiguous
     (B, H, T, D) otherwise: the layout the binding gives attention outputs and gradients."""
     B, H, T, D = t.shape
-    if H > 1 and T > 1 and t.stride(1) < t.stride(2):
+    if _stored_bthd(t):
         return t.new_empty((B, T, H, D)).transpose(1, 2)
     return t.new_empty((B, H, T, D))
 
@@ -58,10 +63,9 @@ def attention_ready(t: Tensor) -> Tensor:
 def _laid_out_like(result: Tensor, like: Tensor) -> Tensor:
     """``result`` in the layout ``empty_attention_like(like)`` promises (the fake's), copied if a packed input
     gave it another one."""
-    want = empty_attention_like(like)
-    if want.stride() == result.stride():
+    if _stored_bthd(result) == _stored_bthd(like):  # the usual case: no allocation, no copy
         return result
-    return want.copy_(result)
+    return empty_attention_like(like).copy_(result)
 
 
 # The readiness checks and copies happen inside the operators, where torch.compile does not trace them (it

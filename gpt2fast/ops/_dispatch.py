@@ -71,20 +71,20 @@ def why_not_triton(tensors: Iterable[torch.Tensor], dtypes: tuple = (torch.float
             return "the tensors are on the CPU (Triton kernels need a GPU, or TRITON_INTERPRET=1 for testing)"
         if t.device.type not in ("cpu", "cuda"):
             return f"tensors on {t.device.type} are not supported"
+    return _tensors_problem(tensors, dtypes) or extra
+
+
+def _tensors_problem(tensors: list, dtypes: tuple) -> Optional[str]:
+    """What both fused paths refuse alike: an unsupported dtype, tensors on several devices, bf16 before sm_80."""
+    for t in tensors:
         if t.is_floating_point() and t.dtype not in dtypes:
             return f"dtype {t.dtype} is not supported (supported: {', '.join(str(d) for d in dtypes)})"
     if tensors and any(t.device != tensors[0].device for t in tensors):
         return "the tensors are on different devices"
-    if any(t.is_cuda for t in tensors) and not _bf16_ok(tensors):
+    if any(t.dtype == torch.bfloat16 for t in tensors) and tensors[0].is_cuda \
+            and torch.cuda.get_device_capability(tensors[0].device)[0] < 8:
         return "bf16 needs a GPU of compute capability 8.0 or newer"
-    return extra
-
-
-def _bf16_ok(tensors) -> bool:
-    if not any(t.dtype == torch.bfloat16 for t in tensors):
-        return True
-    major, _ = torch.cuda.get_device_capability(tensors[0].device)
-    return major >= 8
+    return None
 
 
 def why_not_cuda(tensors: Iterable[torch.Tensor], dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16),
@@ -94,15 +94,9 @@ def why_not_cuda(tensors: Iterable[torch.Tensor], dtypes: tuple = (torch.float32
     tensors = list(tensors)
     if not tensors or not all(t.is_cuda for t in tensors):
         return "the tensors are not on a CUDA GPU (the CUDA C++ kernels need one)"
-    if any(t.device != tensors[0].device for t in tensors):
-        return "the tensors are on different devices"
-    for t in tensors:
-        if t.is_floating_point() and t.dtype not in dtypes:
-            return f"dtype {t.dtype} is not supported (supported: {', '.join(str(d) for d in dtypes)})"
-    if not _bf16_ok(tensors):
-        return "bf16 needs a GPU of compute capability 8.0 or newer"
-    if extra:
-        return extra
+    problem = _tensors_problem(tensors, dtypes) or extra
+    if problem:
+        return problem
     from gpt2fast.ops import _cuda
 
     status = _cuda.cuda_ops_status()

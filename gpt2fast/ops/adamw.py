@@ -60,6 +60,8 @@ class AdamW(torch.optim.Optimizer):
         if self.backend == "torch":
             return "torch"
         reason = _dispatch.why_not_cuda(tensors)
+        if reason is None and not all(t.is_contiguous() for t in tensors):
+            reason = "a parameter or gradient is not contiguous (the kernel updates flat buffers in place)"
         if reason is None:
             return "cuda"
         if self.backend == "cuda":
@@ -94,7 +96,7 @@ class AdamW(torch.optim.Optimizer):
                     bucket.append(t)
             for (_, _, _, step), (ps, gs, ms, vs) in launches.items():
                 args = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], step)
-                if self._path(ps + gs) == "cuda" and all(t.is_contiguous() for t in ps + gs + ms + vs):
+                if self._path(ps + gs) == "cuda":  # the moments are ours: allocated contiguous
                     from gpt2fast.ops._cuda import load_cuda_ops
 
                     load_cuda_ops().adamw_step(ps, gs, ms, vs, *args)
