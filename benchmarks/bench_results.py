@@ -124,7 +124,7 @@ def machine_info(quick: bool) -> Dict[str, Any]:
         if info["gpu"] is None:
             info["gpu"] = torch.cuda.get_device_name()
         major, minor = torch.cuda.get_device_capability()
-        info["gpu_arch"] = f"sm_{major}{minor}"  # what `python -m gpt2fast.bench prefer` keys its choice by
+        info["gpu_arch"] = f"sm_{major}{minor}"
     return info
 
 

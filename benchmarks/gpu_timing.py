@@ -1,12 +1,31 @@
-"""Timing GPU kernels for the benchmarks: CUDA events, L2 flushed between repeats, figures against peaks.
+"""Timing GPU kernels for the benchmarks: batches of calls between CUDA events, L2 flushed before each call,
+figures against peaks.
 
     ms = time_cuda(lambda: op(x), warmup=10, iters=50)        # median milliseconds per call
     figures = report(benchmark, "ours", ms, bytes=4 * x.nbytes)  # GB/s and shares of peak into extra_info
     record_figures("LayerNorm fwd", "ours", "ours (triton)", figures, suite="norm_gelu")  # into the summary
 
-Wall-clock timing of asynchronous launches measures the CPU, not the GPU; here every repeat sits between two
-CUDA events, and a 256 MB buffer is overwritten before each so no repeat finds its inputs in L2 (H100's L2 is
-50 MB) and memory-bound kernels are measured at DRAM speed, as in training.
+Wall-clock timing of asynchronous launches measures the CPU, not the GPU, and so does a pair of CUDA events
+around one call whenever the call's Python path (argument checks, dispatch, autograd) takes longer than its
+kernels: the GPU waits for the launch between the events. So calls are timed in batches (``time_calls``):
+
+* a few calls, each between two events (``time_per_call``), give a first, host-inflated estimate per call;
+  it sets k, the calls in a batch: enough for ``MIN_BATCH_MS`` at that estimate, at most ``MAX_BATCH`` (the
+  launches of a batch stay well inside what a stream queues), 1 for a call that long already (timed as
+  before: beside a millisecond, the host's launch latency is small);
+* each repeat queues a GPU-side spin (``torch.cuda._sleep``) sized from the host's enqueue time, then the
+  start event, the k calls and the end event, so the host has queued the whole batch before the GPU reaches
+  it and the calls run back to back: the batch holds kernel time only. This is checked (the start event
+  must still be pending once the host is done); a repeat that fails the check is redone behind a spin twice
+  as long, up to ``SPIN_TRIES`` times, then kept and counted in ``Timing.host_bound`` (a call that
+  synchronises, or launches more than a stream queues, cannot be got ahead of; the later repeats of such a
+  call get one try each);
+* the result is the median over the repeats of batch time / k.
+
+With ``flush_l2`` every call still starts from a cold L2: a 256 MB buffer is overwritten before each call of
+a batch (H100's L2 is 50 MB), the batch's k - 1 flushes are timed alone the same way, and their median is
+taken off each batch, so memory-bound kernels are measured at DRAM speed, as in training; the figure then
+carries the run-to-run spread of the flushes too. Without it calls are timed back to back from a warm L2.
 
 Every figure is set against five ceilings (``gpt2fast.hardware.peak_shares``): the detected GPU's datasheet
 peak, the V100, A100 and H100 peaks (so runs on different GPUs and the papers' figures line up), and a
@@ -16,9 +35,11 @@ a 1 GiB device-to-device copy for GB/s.
 from __future__ import annotations
 
 import functools
+import math
 import statistics
+import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -30,6 +51,13 @@ L2_FLUSH_BYTES = 256 * 2**20
 CEILING_MATMUL_N = 8192  # bf16 (N x N) @ (N x N): large enough to run at the tensor cores' sustained rate
 CEILING_COPY_BYTES = 2**30  # copied device to device: far beyond any L2, so DRAM speed
 OURS_BACKENDS = ("triton", "cuda")  # our fast paths, each measured beside the same peers
+MIN_BATCH_MS = 1.0  # a timed batch lasts at least this long: the events' few microseconds are < 1% of it
+MAX_BATCH = 32  # calls per batch at most: with their flushes a few hundred launches, inside a stream's queue
+ESTIMATE_CALLS = 3  # calls timed one by one first, to choose the batch size
+SPIN_MARGIN = 2.0  # the spin before a batch lasts this many times the host's time to enqueue the batch
+SPIN_MIN_MS = 0.05  # plus this
+SPIN_TRIES = 3  # a batch the host could not queue before the GPU reached it is redone this often in all
+SPIN_CALIBRATION_CYCLES = 10_000_000  # torch.cuda._sleep cycles timed once per device (some milliseconds)
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,7 +67,8 @@ def gpu_peak(device_index: int = 0) -> Optional[GpuPeak]:
     peak = detect_gpu(name)
     SESSION["gpu"] = name
     SESSION["gpu_peak"] = peak.name if peak else "not in gpt2fast.hardware's table: no share of peak"
-    SESSION["gpu_timing"] = "GPU: median of CUDA-event-timed calls, L2 flushed in between"
+    SESSION["gpu_timing"] = ("GPU: median per call of CUDA-event-timed batches queued behind a GPU spin (no host "
+                             "time in them), L2 flushed before every call and the flushes' time taken off")
     return peak
 
 
@@ -48,23 +77,166 @@ def _flush_buffer(device_index: int) -> torch.Tensor:
     return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=f"cuda:{device_index}")
 
 
-def time_cuda(fn: Callable[[], object], warmup: int = 10, iters: int = 50, flush_l2: bool = True) -> float:
-    """Median milliseconds of one call of ``fn`` on the current CUDA device, each repeat from a cold L2."""
-    device = torch.cuda.current_device()
-    flush = _flush_buffer(device) if flush_l2 else None
+def batch_size(ms_per_call: float, min_batch_ms: float = MIN_BATCH_MS, max_batch: int = MAX_BATCH) -> int:
+    """Calls per timed batch for a call of about ``ms_per_call``: enough for ``min_batch_ms``, at most
+    ``max_batch``, 1 for a call that long already."""
+    if ms_per_call <= 0:
+        return max_batch
+    return max(1, min(max_batch, math.ceil(min_batch_ms / ms_per_call)))
+
+
+def spin_ms(host_ms_per_call: float, calls: int, margin: float = SPIN_MARGIN, floor: float = SPIN_MIN_MS) -> float:
+    """How long the GPU spins before a batch of ``calls`` calls, each ``host_ms_per_call`` to enqueue: long
+    enough for the host to queue the whole batch first."""
+    return floor + margin * calls * host_ms_per_call
+
+
+def per_call_ms(batch_ms: Sequence[float], calls: int, overhead_ms: float = 0.0) -> float:
+    """Median milliseconds per call over timed batches of ``calls`` calls each, ``overhead_ms`` (the
+    batch's own flushes, timed alone) taken off every batch first."""
+    return statistics.median((ms - overhead_ms) / calls for ms in batch_ms)
+
+
+@dataclass(frozen=True)
+class Timing:
+    ms: float  # per call: the median over the batches of (batch - its flushes) / calls_per_batch
+    calls_per_batch: int
+    batches: int
+    flush_ms: float  # one flush, timed alone and taken off the batches; 0 where no flush ran inside a batch
+    host_bound: int  # batches the host could not queue before the GPU reached them: host time is in those
+
+
+def time_per_call(stream, fn: Callable[[], object], flush: Optional[Callable[[], object]] = None,
+                  calls: int = ESTIMATE_CALLS) -> Tuple[float, float]:
+    """``calls`` calls, each alone between two events (after a ``flush``): the median milliseconds of one,
+    host launch time included wherever the host is slower than the kernels; and the median host
+    milliseconds to enqueue a flush and a call. The first estimate ``time_calls`` sizes its batches by."""
+    gpu, host = [], []
+    for _ in range(calls):
+        stream.synchronize()
+        t0 = stream.clock()
+        if flush is not None:
+            flush()
+        start = stream.record()
+        fn()
+        end = stream.record()
+        host.append((stream.clock() - t0) * 1e3)
+        stream.synchronize()
+        gpu.append(stream.elapsed_ms(start, end))
+    return statistics.median(gpu), statistics.median(host)
+
+
+def time_batches(stream, fn: Callable[[], object], flush: Optional[Callable[[], object]], calls: int,
+                 repeats: int, host_ms_per_call: float, tries: int = SPIN_TRIES) -> Tuple[list, int]:
+    """``repeats`` batches, each: a spin, then (``flush``, start event, ``fn``) and (``flush``, ``fn``) until
+    there are ``calls`` calls, then the end event. Returns the batches' milliseconds (start to end: ``calls``
+    calls and ``calls`` - 1 flushes) and how many were host-bound (the GPU reached the start event before
+    the host had queued the batch, in each of ``tries`` tries, every one behind a spin twice as long; after
+    one such batch the rest get one try each: the call cannot be got ahead of)."""
+    times, host_bound = [], 0
+    for _ in range(repeats):
+        spin = spin_ms(host_ms_per_call, calls)
+        for _ in range(tries):
+            stream.synchronize()
+            stream.spin(spin)
+            t0 = stream.clock()
+            if flush is not None:
+                flush()
+            start = stream.record()
+            for i in range(calls):
+                if flush is not None and i:
+                    flush()
+                fn()
+            end = stream.record()
+            host_ms_per_call = (stream.clock() - t0) * 1e3 / calls
+            ahead = not stream.reached(start)
+            if ahead:
+                break
+            spin = max(2 * spin, spin_ms(host_ms_per_call, calls))
+        if not ahead:
+            host_bound += 1
+            tries = 1
+        stream.synchronize()
+        times.append(stream.elapsed_ms(start, end))
+    return times, host_bound
+
+
+def time_calls(stream, fn: Callable[[], object], flush: Optional[Callable[[], object]] = None, warmup: int = 10,
+               iters: int = 50, min_batch_ms: float = MIN_BATCH_MS, max_batch: int = MAX_BATCH) -> Timing:
+    """Kernel milliseconds per call of ``fn`` in batches (module docstring): ``warmup`` calls, a first
+    estimate, then ``iters`` batches (and, with ``flush``, ``iters`` batches of the flushes alone).
+
+    ``stream`` is what is timed on: ``record()`` queues an event and returns it, ``elapsed_ms(start, end)``,
+    ``reached(event)`` (the GPU has passed it), ``spin(ms)`` queues a GPU-side wait, ``synchronize()`` waits
+    for the GPU, ``clock()`` is the host's clock in seconds (``CudaStream`` on a GPU; a simulated one in the
+    tests)."""
     for _ in range(warmup):
         fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    torch.cuda.synchronize()
-    for start, end in zip(starts, ends):
-        if flush is not None:
-            flush.zero_()  # outside the events: evicts fn's inputs from L2 without being timed
+    estimate, host_ms = time_per_call(stream, fn, flush)
+    calls = batch_size(estimate, min_batch_ms, max_batch)
+    tries = SPIN_TRIES if calls > 1 else 1  # a call of min_batch_ms or more: host latency is small beside it
+    batches, host_bound = time_batches(stream, fn, flush, calls, iters, host_ms, tries)
+    flushes_ms = 0.0
+    if flush is not None and calls > 1:
+        flushes, flush_host_bound = time_batches(stream, flush, None, calls - 1, iters, host_ms, tries)
+        flushes_ms = statistics.median(flushes)
+        host_bound += flush_host_bound
+    return Timing(per_call_ms(batches, calls, flushes_ms), calls, iters,
+                  flushes_ms / (calls - 1) if calls > 1 else 0.0, host_bound)
+
+
+@functools.lru_cache(maxsize=None)
+def _sleep_cycles_per_ms(device_index: int) -> float:
+    """GPU clock cycles ``torch.cuda._sleep`` spins per millisecond on this device (timed once)."""
+    with torch.cuda.device(device_index):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(SPIN_CALIBRATION_CYCLES)  # the first launch, not timed
         start.record()
-        fn()
+        torch.cuda._sleep(SPIN_CALIBRATION_CYCLES)
         end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+        torch.cuda.synchronize()
+        return SPIN_CALIBRATION_CYCLES / start.elapsed_time(end)
+
+
+class CudaStream:
+    """The current CUDA stream of ``device_index``, as ``time_calls`` drives it."""
+
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self, device_index: int):
+        self._cycles_per_ms = _sleep_cycles_per_ms(device_index)
+
+    def record(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed_ms(self, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
+        return start.elapsed_time(end)
+
+    def reached(self, event: torch.cuda.Event) -> bool:
+        return event.query()
+
+    def spin(self, ms: float) -> None:
+        torch.cuda._sleep(max(1, int(ms * self._cycles_per_ms)))
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+
+def time_cuda(fn: Callable[[], object], warmup: int = 10, iters: int = 50, flush_l2: bool = True) -> float:
+    """Median kernel milliseconds of one call of ``fn`` on the current CUDA device, over ``iters`` batches of
+    back-to-back calls with no host time in them (``time_calls``; the module docstring says how). With
+    ``flush_l2`` each call starts from a cold L2 (flushed before every call, the flushes' time taken off);
+    without it calls run from a warm L2. A call of ``MIN_BATCH_MS`` or more is a batch of its own, timed as
+    one call between two events after the flush."""
+    device = torch.cuda.current_device()
+    flush = _flush_buffer(device).zero_ if flush_l2 else None
+    timing = time_calls(CudaStream(device), fn, flush, warmup=warmup, iters=iters)
+    if timing.host_bound and timing.calls_per_batch > 1:  # a long call fails the check by filling the queue alone
+        print(f"\ntime_cuda: {timing.host_bound} batch(es) of {timing.calls_per_batch} call(s) could not be queued "
+              "ahead of the GPU (a call that synchronises?): host time is in those")
+    return timing.ms
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,11 +3,11 @@
     pytest benchmarks/test_bench_ops_norm_gelu.py --benchmark-only -s
 
 Each group holds ours (triton) and ours (cuda), eager PyTorch and torch.compile of the same PyTorch code (and a
-plain device copy of the same bytes, the practical ceiling). Figures (CUDA events, L2 flushed between repeats;
-see gpu_timing.py) land in ``extra_info`` and are printed: ms, GB/s of the bytes the op must move, shares of
-the detected GPU's, the V100's, A100's and H100's peak bandwidth and of the measured copy bandwidth; each ours
-x peer pair is a row of the end-of-session summary. Skipped without a CUDA GPU; ours (cuda) is skipped, with
-the reason, where the CUDA C++ ops are not built or do not cover the op.
+plain device copy of the same bytes, the practical ceiling). Figures (kernel time per call from batches between
+CUDA events, L2 flushed before each call; see gpu_timing.py) land in ``extra_info`` and are printed: ms, GB/s
+of the bytes the op must move, shares of the detected GPU's, the V100's, A100's and H100's peak bandwidth and
+of the measured copy bandwidth; each ours x peer pair is a row of the end-of-session summary. Skipped without a
+CUDA GPU; ours (cuda) is skipped, with the reason, where the CUDA C++ ops are not built or do not cover the op.
 """
 from __future__ import annotations
 

@@ -3,7 +3,6 @@
     pytest benchmarks/ --benchmark-only                       # writes .benchmarks/gpt2fast-results.json
     python -m gpt2fast.bench report .benchmarks/gpt2fast-results.json
         [--markdown FILE] [--png FILE] [--out PREFIX] [--no-png]
-    python -m gpt2fast.bench prefer .benchmarks/gpt2fast-results.json [--dry-run]
 
 ``report`` prints the results as a Markdown table (or writes it to ``--markdown FILE`` / ``PREFIX.md``) and
 draws a bar chart PNG, by default next to the JSON (``gpt2fast-results.png``): one bar per benchmark with
@@ -15,10 +14,6 @@ A row is one comparison: a benchmark, our figure, the peer's figure measured in 
 figures also carry their share of peak (see ``gpt2fast.hardware.peak_shares``). The JSON is
 ``{"format": "gpt2fast-bench-results", "version": 1, "machine": {...}, "rows": [...], "notes": [...]}``.
 Nothing here imports torch; matplotlib is imported only to draw the chart.
-
-``prefer`` reads the op benchmarks' timings of ours (triton) and ours (cuda) on one GPU and records, per op,
-the faster of the two for that GPU's architecture (``gpt2fast.backend_prefs``): ``backend="auto"`` then tries
-that path first on this machine (from the next process on).
 """
 from __future__ import annotations
 
@@ -340,70 +335,6 @@ def _share_panel(ax, rows: Sequence[Row]) -> None:
     ax.legend(loc="lower right", fontsize=8)
 
 
-# -------------------------------------------------------------------------------------- backend choice
-_BACKEND_OF_IMPL = {"ours (triton)": "triton", "ours (cuda)": "cuda"}
-
-
-def op_of_benchmark(name: str) -> Optional[str]:
-    """The gpt2fast.ops op an op benchmark's name is about (the GPU op suites' group names), else None."""
-    if name.startswith("attention"):
-        return "attention"
-    if "LayerNorm" in name:
-        return "layer_norm"
-    if "GELU" in name:
-        return "bias_gelu"
-    if name.startswith("linear_cross_entropy"):
-        return "linear_cross_entropy"
-    if name.startswith("cross_entropy"):
-        return "cross_entropy"
-    return None
-
-
-def backend_timings(results: Results) -> Dict[str, Dict[str, float]]:
-    """Per op, the total milliseconds of ours (triton) and of ours (cuda) over the benchmarks that timed both,
-    and how many such benchmarks there were ("n")."""
-    per_benchmark: Dict[str, Dict[str, float]] = {}
-    for row in results.rows:
-        backend = _BACKEND_OF_IMPL.get(row.ours.impl) if row.ours is not None else None
-        if backend and row.ours.unit == "ms":
-            per_benchmark.setdefault(row.benchmark, {})[backend] = row.ours.value
-    totals: Dict[str, Dict[str, float]] = {}
-    for name, times in per_benchmark.items():
-        op = op_of_benchmark(name)
-        if op is None or len(times) < 2:
-            continue
-        total = totals.setdefault(op, {"triton": 0.0, "cuda": 0.0, "n": 0})
-        total["triton"] += times["triton"]
-        total["cuda"] += times["cuda"]
-        total["n"] += 1
-    return totals
-
-
-def prefer(args) -> int:
-    from gpt2fast import backend_prefs
-
-    results = load_results(args.results)
-    arch = results.machine.get("gpu_arch")
-    if not arch:
-        raise BenchReportError(f"{args.results} names no GPU architecture (machine.gpu_arch): it was written "
-                               f"without a GPU or by an older gpt2fast; run the op benchmarks on the GPU "
-                               f"(pytest benchmarks/test_bench_ops_*.py --benchmark-only) and pass that file")
-    totals = backend_timings(results)
-    if not totals:
-        raise BenchReportError(f"{args.results} has no op timed on both ours (triton) and ours (cuda); run the "
-                               f"op benchmarks where the CUDA ops are built (python -m gpt2fast.ops.info)")
-    choice = {op: ("cuda" if t["cuda"] < t["triton"] else "triton") for op, t in totals.items()}
-    for op, t in sorted(totals.items()):
-        print(f"{op:22s} triton {t['triton']:9.3f} ms  cuda {t['cuda']:9.3f} ms  over {t['n']} benchmark(s)  "
-              f"-> {choice[op]}")
-    if args.dry_run:
-        return 0
-    source = f"{args.results}: {results.machine.get('gpu') or arch}, {results.machine.get('date') or 'undated'}, " \
-             f"commit {results.machine.get('commit') or '?'}"
-    print(f"{arch}: written to {backend_prefs.save(arch, choice, source)}")
-    return 0
-
-
 # -------------------------------------------------------------------------------------- command
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gpt2fast.bench", description=__doc__.split("\n\n")[0],
@@ -416,10 +347,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--png", metavar="FILE", help="write the chart here (default: next to the JSON, .png)")
     r.add_argument("--out", metavar="PREFIX", help="write PREFIX.md and PREFIX.png")
     r.add_argument("--no-png", action="store_true", help="no chart")
-    f = sub.add_parser("prefer", help="record the faster of ours (triton) / ours (cuda) per op for this GPU")
-    f.add_argument("results", nargs="?", default=str(DEFAULT_RESULTS),
-                   help=f"the JSON the op benchmarks wrote on the GPU (default {DEFAULT_RESULTS})")
-    f.add_argument("--dry-run", action="store_true", help="print the choice, write nothing")
     return p
 
 
@@ -446,7 +373,7 @@ def report(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
-        return prefer(args) if args.command == "prefer" else report(args)
+        return report(args)
     except (BenchReportError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,8 +2,9 @@
 flash-attention's tolerance rule (tests/ops_testing.py); their input checks; determinism.
 
 Skipped where the extension cannot be loaded (no CUDA GPU, CPU-only torch, no nvcc): there, CI still compiles
-every kernel for sm_70/75, sm_80 and sm_90 (tools/compile_cuda_kernels.sh). On a GPU machine without the
-prebuilt module the first test compiles it (gpt2fast.ops._cuda, a few minutes once, then cached).
+every kernel for sm_70/75, sm_80 and sm_90 in one nvcc call, as the extension build does
+(tools/compile_cuda_kernels.sh). On a GPU machine without the prebuilt module the first test compiles it
+(gpt2fast.ops._cuda, a few minutes once, then cached).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ops_testing import assert_within_flash_rule
+from ops_testing import assert_within_flash_rule, max_error
 
 ON_GPU = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="the CUDA kernels need a CUDA GPU")
@@ -219,7 +220,16 @@ def test_attention(ops, shape, dtype, causal):
     assert_within_flash_rule("o", o, lowp[0], ref[0])
     grads = ops.attention_backward(do, q, k, v, o, lse, causal)
     for name, got, lp, r in zip(("dq", "dk", "dv"), grads, lowp[1:], ref[1:]):
-        assert_within_flash_rule(name, got, lp, r)
+        if r.abs().max().item() == 0:
+            # T = 1: dq and dk are exactly 0 (dS = P (dP - delta) with P = 1 and delta = dP), and so is the plain
+            # computation's, which makes the flash rule's bound 0. The kernel's dP (the mma's fp32 sum) and delta
+            # (rowsum(dO * O) over the stored O, as flash-attention's) add the same products in different orders,
+            # so its dS is tiny but not 0: the bound gets a floor of one rounding step at the inputs' scale (1),
+            # as in tests/cpp/test_attention_emu.cpp.
+            floor = torch.finfo(dtype).eps / 2
+            assert max_error(got, r) <= floor, f"{name}: max error {max_error(got, r):.3e} > floor {floor:.3e}"
+        else:
+            assert_within_flash_rule(name, got, lp, r)
 
 
 def test_attention_strided_views_and_determinism(ops):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt2fast.model import GPT2, GPT2Config, PRESETS
-from ops_testing import ON_GPU, needs_triton
+from ops_testing import DEVICE, ON_GPU, needs_triton
 
 transformers = pytest.importorskip("transformers")
 
@@ -197,10 +197,11 @@ def test_triton_block_traces_without_graph_breaks_on_the_gpu():
 def test_triton_model_matches_torch_model():
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=300)
-    ref = GPT2(config, backend="torch")
-    fast = GPT2(config, backend="triton")
+    # On a GPU machine Triton runs only on CUDA tensors (no interpreter there): both models go to DEVICE.
+    ref = GPT2(config, backend="torch").to(DEVICE)
+    fast = GPT2(config, backend="triton").to(DEVICE)
     fast.load_state_dict(ref.state_dict())
-    idx = torch.randint(0, 300, (2, 17))
+    idx = torch.randint(0, 300, (2, 17), device=DEVICE)
     losses = []
     for m in (ref, fast):
         _, loss = m(idx[:, :-1], idx[:, 1:])

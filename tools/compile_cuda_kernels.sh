@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Compile check of the CUDA C++ kernels, for machines without a GPU (CI): every csrc/kernels/*.cu is compiled
-# with `nvcc -c` for sm_70 (or, where this nvcc has dropped Volta, its oldest architecture), sm_80 and sm_90,
-# warnings as errors, into a temporary directory that is removed afterwards. Then, when the installed torch
-# ships its CUDA headers, the binding (csrc/bindings/cuda_ops.cpp) is syntax-checked against them.
+# with one `nvcc -c` for all of sm_70 (or, where this nvcc has dropped Volta, its oldest architecture), sm_80,
+# sm_90 and compute_90 PTX at once, as the extension build compiles it, warnings as errors, into a temporary
+# directory that is removed afterwards. Then, when the installed torch ships its CUDA headers, the binding
+# (csrc/bindings/cuda_ops.cpp) is syntax-checked against them.
 #
 #   bash tools/compile_cuda_kernels.sh          # NVCC=/path/to/nvcc, JOBS=4 to override
 #
@@ -23,8 +24,9 @@ if [[ -z "$NVCC" ]]; then
 fi
 JOBS=${JOBS:-2}
 
-# The architectures: sm_70 (V100), sm_80 (A100), sm_90 (H100). CUDA 13 dropped sm_70 (its oldest is sm_75):
-# then the oldest one it has stands in for Volta, so the no-bf16 code path is still compiled.
+# The architectures of setup.py's default TORCH_CUDA_ARCH_LIST, "7.0;8.0;9.0+PTX": sm_70 (V100), sm_80 (A100),
+# sm_90 (H100), and compute_90 PTX for newer GPUs. CUDA 13 dropped sm_70 (its oldest is sm_75): then, as in
+# setup.py, the oldest one it has stands in for Volta, so the no-bf16 code path is still compiled.
 supported=$("$NVCC" --list-gpu-arch 2>/dev/null | sed -n 's/^compute_\([0-9]*\)$/\1/p' | sort -n | tr '\n' ' ')
 if [[ -z "$supported" ]]; then echo "compile_cuda_kernels: '$NVCC --list-gpu-arch' listed nothing" >&2; exit 1; fi
 archs=()
@@ -41,35 +43,51 @@ for a in 80 90; do
   fi
 done
 
+# The -gencode flags, as torch.utils.cpp_extension._get_cuda_arch_flags makes them from TORCH_CUDA_ARCH_LIST
+# (mirrored here, so that no torch is needed): arch=compute_N,code=sm_N per entry, plus arch=compute_N,
+# code=compute_N for the "+PTX" one (the newest), sorted and deduplicated. All of them go to one nvcc call per
+# file, as in the extension build: only such a call defines __CUDA_ARCH_LIST__ with commas ("750,800,900"),
+# which once broke `pip install` while a check compiling one architecture per call passed.
+gencode=()
+for a in "${archs[@]}"; do gencode+=("-gencode=arch=compute_$a,code=sm_$a"); done
+gencode+=("-gencode=arch=compute_${archs[-1]},code=compute_${archs[-1]}")
+mapfile -t gencode < <(printf '%s\n' "${gencode[@]}" | LC_ALL=C sort -u)
+
 out=$(mktemp -d "${TMPDIR:-/tmp}/gpt2fast-cuda-XXXXXX")
 trap 'rm -rf "$out"' EXIT
 
 sources=(csrc/kernels/*.cu)
-echo "compile_cuda_kernels: $("$NVCC" --version | tail -1); ${#sources[@]} files x $(printf "sm_%s " "${archs[@]}")($JOBS jobs)"
+echo "compile_cuda_kernels: $("$NVCC" --version | tail -1); ${#sources[@]} files, each for" \
+     "$(printf "sm_%s " "${archs[@]}")+ compute_${archs[-1]} PTX in one call ($JOBS jobs)"
 start=$(date +%s)
 
-# One job per (file, arch): -Werror=all-warnings turns every nvcc and cicc warning into an error;
-# -Xcompiler -Wall,-Wextra,-Werror does the same for the host compiler's pass. The __CUDA_NO_HALF* macros are
-# the ones torch's CUDAExtension defines, so what passes here also builds inside the extension.
+# One job per file. The flags are the extension's (torch's COMMON_NVCC_FLAGS: the __CUDA_NO_HALF* macros and
+# --expt-relaxed-constexpr; -fPIC; gpt2fast/_native_sources.py's CUDA_NVCC_FLAGS), so what passes here also
+# builds inside the extension, plus -Werror=all-warnings, which turns every nvcc and cicc warning into an error,
+# and -Xcompiler -Wall,-Wextra,-Werror, which does the same for the host compiler's pass.
 export NVCC out
+export GENCODE="${gencode[*]}"
 compile_one() {
-  local src=$1 arch=$2
-  local obj="$out/$(basename "$src" .cu).sm_$arch.o"
-  if ! "$NVCC" -c "$src" -o "$obj" -std=c++17 -O3 -lineinfo \
-      -gencode "arch=compute_$arch,code=sm_$arch" \
+  local src=$1
+  local obj="$out/$(basename "$src" .cu).o"
+  local -a gencode
+  read -r -a gencode <<<"$GENCODE"
+  if ! "$NVCC" -c "$src" -o "$obj" \
       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
-      -D__CUDA_NO_HALF2_OPERATORS__ \
+      -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr -Xcompiler -fPIC \
+      -O3 -std=c++17 -lineinfo "${gencode[@]}" \
       -Werror=all-warnings -Xcompiler -Wall,-Wextra,-Werror 2>"$obj.log"; then
-    echo "FAILED: $src for sm_$arch" >&2
+    echo "FAILED: $src (${gencode[*]})" >&2
     cat "$obj.log" >&2
     return 1
   fi
-  echo "  ok  $src  sm_$arch"
+  echo "  ok  $src  ($(( $(date +%s) - start ))s since the start)"
 }
 export -f compile_one
+export start
+echo "  nvcc ... ${gencode[*]}"
 status=0
-for src in "${sources[@]}"; do for a in "${archs[@]}"; do echo "$src $a"; done; done |
-  xargs -P "$JOBS" -n 2 bash -c 'compile_one "$0" "$1"' || status=1
+printf '%s\n' "${sources[@]}" | xargs -P "$JOBS" -n 1 bash -c 'compile_one "$0"' || status=1
 echo "compile_cuda_kernels: kernels took $(( $(date +%s) - start ))s"
 if [[ $status -ne 0 ]]; then echo "compile_cuda_kernels: FAILED" >&2; exit 1; fi
 

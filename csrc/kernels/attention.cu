@@ -26,6 +26,13 @@ G2F_ATTN_FN float exp2(float x) { return exp2f(x); }
 G2F_ATTN_FN float log2(float x) { return log2f(x); }
 G2F_ATTN_FN uint32_t load_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
 G2F_ATTN_FN void store_u32(void* p, uint32_t w) { *reinterpret_cast<uint32_t*>(p) = w; }
+G2F_ATTN_FN void load16(const void* p, uint32_t (&w)[4]) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  w[0] = v.x;
+  w[1] = v.y;
+  w[2] = v.z;
+  w[3] = v.w;
+}
 
 template <class E>
 G2F_ATTN_FN float to_float(E v) {
@@ -109,11 +116,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const attn:
 }
 
 template <class E, int D>
-__global__ void __launch_bounds__(256) attention_delta_kernel(const attn::Params p, int64_t rows) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < rows) {
-    G2F_ATTN_BODY((attn::delta_row<E, D>(p, static_cast<int>(i / p.seq), static_cast<int>(i % p.seq))));
-  }
+__global__ void __launch_bounds__(kThreads) attention_delta_kernel(const attn::Params p) {
+  G2F_ATTN_BODY((attn::delta_block<E, D>(p, blockIdx.x, blockIdx.y, threadIdx.x)));
 }
 
 template <class E, int D>
@@ -195,8 +199,9 @@ cudaError_t forward_typed(const AttentionArgs& a, cudaStream_t stream) {
 template <class E, int D>
 cudaError_t backward_typed(const AttentionArgs& a, cudaStream_t stream) {
   attn::Params p = params_of(a);
-  const int64_t rows = static_cast<int64_t>(a.batch) * a.heads * a.seq;
-  attention_delta_kernel<E, D><<<static_cast<unsigned>(ceil_div(rows, 256)), 256, 0, stream>>>(p, rows);
+  const dim3 delta_grid(static_cast<unsigned>(ceil_div(a.seq, attn::DeltaShape<E, D>::kRowsPerBlock)),
+                        static_cast<unsigned>(a.batch * a.heads));
+  attention_delta_kernel<E, D><<<delta_grid, kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(ceil_div(a.seq, attn::kBlockRows)),

@@ -13,6 +13,7 @@
 //   float exp2(float), float log2(float)
 //   template <class E> float to_float(E), template <class E> uint32_t pack2(float lo, float hi)
 //   uint32_t load_u32(const void* p), void store_u32(void* p, uint32_t w)   4-byte aligned accesses
+//   void load16(const void* p, uint32_t (&w)[4])   one 16-byte load (LDG.128) from a 16-byte aligned address
 //
 // Fragments follow the PTX ISA's layout for mma.m16n8k16 with 16-bit inputs, lane = 4 * g + t (g = lane / 4,
 // t = lane % 4), each 32-bit register holding two consecutive elements, the lower index in the low half:
@@ -77,6 +78,15 @@ struct Params {
 struct alignas(16) Chunk {
   uint32_t w[4];
 };
+
+// A Chunk read from global memory through the port, where the emulator checks the 16-byte alignment that the GPU
+// demands. (load_tile's copies stay plain Chunk reads: routing them through the port cost the forward kernel 18
+// registers at sm_80.)
+G2F_ATTN_FN Chunk load_chunk(const void* p) {
+  Chunk c;
+  attn_port::load16(p, c.w);
+  return c;
+}
 
 // Elements of a row-major (rows x d) shared-memory tile, and of the transposed (d x rows) one, padded rows.
 #ifdef __CUDACC__
@@ -339,15 +349,53 @@ G2F_ATTN_FN void forward_block(const Params& p, int qblock, int bh, int tid, uns
 }
 
 // ------------------------------------------------------------------------------------------ backward
-// delta[bh, row] = sum_d dO[row, d] * O[row, d] in fp32: one call per (bh, row).
+// delta[bh, row] = sum_d dO[row, d] * O[row, d] in fp32. A row belongs to a group of D / 8 consecutive lanes (8
+// at D = 64: four rows per warp), lane j of the group taking columns [8 j, 8 j + 8) of the row of O and of dO:
+// one 16-byte load per tensor and lane, and the group's loads together are the row's contiguous 128 or 256 bytes
+// (coalesced). A lane adds its eight products in column order, then the group adds the lanes' sums in a xor
+// butterfly: a fixed order for every row and launch, hence deterministic. Rows that are not 16-byte aligned
+// (the launcher refuses them, but the body does not rely on it) take the same elements one at a time, in the
+// same order, so both paths give bitwise the same delta. The products of two 16-bit floats are exact in fp32
+// (short of underflow), so the GPU's fused multiply-adds round exactly as the emulator's separate ones do.
 template <class E, int D>
-G2F_ATTN_FN void delta_row(const Params& p, int bh, int row) {
+struct DeltaShape {
+  static constexpr int kPerLane = 16 / static_cast<int>(sizeof(E));
+  static constexpr int kLanesPerRow = D / kPerLane;
+  static constexpr int kRowsPerBlock = kThreads / kLanesPerRow;
+  static_assert(D % kPerLane == 0 && 32 % kLanesPerRow == 0, "a row's lanes are an aligned part of one warp");
+};
+
+// Block (rblock, bh) of kThreads threads: rows [kRowsPerBlock rblock, kRowsPerBlock (rblock + 1)) of bh. Every
+// lane, even one of a row past the end (which loads and writes nothing), takes part in every shuffle.
+template <class E, int D>
+G2F_ATTN_FN void delta_block(const Params& p, int rblock, int bh, int tid) {
+  using Shape = DeltaShape<E, D>;
+  constexpr int kPer = Shape::kPerLane;
   const int b = bh / p.heads, h = bh % p.heads;
-  const E* o = row_ptr<E>(p.o, p.so, b, h, row);
-  const E* d = row_ptr<E>(p.dout, p.sdo, b, h, row);
+  const int row = rblock * Shape::kRowsPerBlock + tid / Shape::kLanesPerRow;
+  const int part = tid % Shape::kLanesPerRow;
   float acc = 0.f;
-  for (int i = 0; i < D; ++i) acc += attn_port::to_float(o[i]) * attn_port::to_float(d[i]);
-  p.delta[static_cast<int64_t>(bh) * p.seq + row] = acc;
+  if (row < p.seq) {
+    const E* o = row_ptr<E>(p.o, p.so, b, h, row) + part * kPer;
+    const E* d = row_ptr<E>(p.dout, p.sdo, b, h, row) + part * kPer;
+    E oe[kPer], de[kPer];
+    if (((reinterpret_cast<uintptr_t>(o) | reinterpret_cast<uintptr_t>(d)) & 15u) == 0) {
+      const Chunk oc = load_chunk(o), dc = load_chunk(d);
+      memcpy(oe, &oc, 16);
+      memcpy(de, &dc, 16);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) {
+        oe[e] = o[e];
+        de[e] = d[e];
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) acc += attn_port::to_float(oe[e]) * attn_port::to_float(de[e]);
+  }
+#pragma unroll
+  for (int m = Shape::kLanesPerRow / 2; m > 0; m /= 2) acc += attn_port::shfl_xor(acc, m);
+  if (row < p.seq && part == 0) p.delta[static_cast<int64_t>(bh) * p.seq + row] = acc;
 }
 
 template <class E, int D>

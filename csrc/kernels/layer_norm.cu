@@ -359,8 +359,11 @@ LaunchShape shape_for(int64_t width, int vec, int max_elems) {
 
 bool row_aligned(const void* p, int64_t stride, int vec) { return p == nullptr || (aligned16(p) && stride % vec == 0); }
 
-#define GPT2FAST_STRINGIFY2(x) #x
-#define GPT2FAST_STRINGIFY(x) GPT2FAST_STRINGIFY2(x)
+// Variadic: built for several architectures in one nvcc call (the extension's -gencode list), __CUDA_ARCH_LIST__
+// expands to 750,800,900, which a one-parameter macro receives as three arguments (a compile error).
+// #__VA_ARGS__ keeps the commas; nvcc defines the list without spaces, so the string is "750,800,900".
+#define GPT2FAST_STRINGIFY2(...) #__VA_ARGS__
+#define GPT2FAST_STRINGIFY(...) GPT2FAST_STRINGIFY2(__VA_ARGS__)
 
 }  // namespace
 

@@ -24,6 +24,7 @@ attention.cu: the same algorithm on mma.m16n8k16 tensor-core instructions, sm_80
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -80,14 +81,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """
     _check_args(q, k, v)
     reason = _dispatch.why_not_triton((q, k, v), extra=_shape_problem(q))
-    path = _dispatch.choose("attention", backend, reason, lambda: _why_not_cuda(q, k, v), (q,))
+    causal = bool(causal)
+    B, H, T, D = q.shape
+    path = _dispatch.choose("attention", backend, reason, lambda: _why_not_cuda(q, k, v), (q, k, v),
+                            run=lambda p, *qkv: _run(p, *qkv, causal),
+                            bucket=_dispatch.shape_bucket(B * H, T) + f"|D{D}|{'causal' if causal else 'full'}")
+    return _run(path, q, k, v, causal)
+
+
+def _run(path: str, q, k, v, causal: bool) -> torch.Tensor:
     if path == "torch":
         return attention_reference(q, k, v, causal)
     if path == "cuda":
         from gpt2fast.ops import _cuda_library
 
-        return _cuda_library.attention(q, k, v, bool(causal))
-    return _FlashAttentionFn.apply(q, k, v, bool(causal))
+        return _cuda_library.attention(q, k, v, causal)
+    return _FlashAttentionFn.apply(q, k, v, causal)
 
 
 def _check_args(q, k, v) -> None:
@@ -284,6 +293,11 @@ _CONFIGS = {
 }
 
 
+# GPT2FAST_AUTOTUNE=off keeps one configuration per kernel family (its first), so nothing is autotuned: for
+# tests, which check correctness (each config is one compile, 1-8 s at sm_90), not speed.
+AUTOTUNE_ENV = "GPT2FAST_AUTOTUNE"
+
+
 def _config_family(head_dim: int, dot_prec: str) -> str:
     if dot_prec == "ieee":
         return "fp32"
@@ -301,7 +315,8 @@ def _pruner(kernel: str):
         args = {**named_args, **kwargs}
         if "HEAD_DIM" not in args or "DOT_PREC" not in args:
             return configs
-        keep = set(_CONFIGS[kernel][_config_family(args["HEAD_DIM"], args["DOT_PREC"])])
+        family = _CONFIGS[kernel][_config_family(args["HEAD_DIM"], args["DOT_PREC"])]
+        keep = set(family[:1] if os.environ.get(AUTOTUNE_ENV) == "off" else family)
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
     return prune
 

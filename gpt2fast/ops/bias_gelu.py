@@ -42,7 +42,12 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, backend: str = "auto") -> tor
     """
     _check_args(x, bias)
     reason = _dispatch.why_not_triton([x, bias], extra=_shape_problem(x))
-    path = _dispatch.choose("bias_gelu", backend, reason, lambda: _why_not_cuda(x, bias), (x,))
+    path = _dispatch.choose("bias_gelu", backend, reason, lambda: _why_not_cuda(x, bias), (x, bias), run=_run,
+                            bucket=_dispatch.shape_bucket(x.numel() // max(1, x.shape[-1]), x.shape[-1]))
+    return _run(path, x, bias)
+
+
+def _run(path: str, x, bias) -> torch.Tensor:
     if path == "torch":
         return bias_gelu_reference(x, bias)
     if path == "cuda":

@@ -96,9 +96,16 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if validate:
         _check_targets("cross_entropy", targets, n_classes, ignore_index)
     reason = _dispatch.why_not_triton([logits, targets], extra=_shape_problem(n_classes))
+    ignore_index = int(ignore_index)
     path = _dispatch.choose("cross_entropy", backend, reason,
                             lambda: _dispatch.why_not_cuda([logits, targets], extra=_shape_problem(n_classes)),
-                            (logits,))
+                            (logits, targets), run=lambda p, x, t: _run_cross_entropy(p, x, t, ignore_index),
+                            bucket=_dispatch.shape_bucket(targets.numel(), n_classes))
+    return _run_cross_entropy(path, logits, targets, ignore_index)
+
+
+def _run_cross_entropy(path: str, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    n_classes = logits.shape[-1]
     if path == "torch":
         return cross_entropy_reference(logits, targets, ignore_index)
     # A view whenever the leading dimensions merge (a last-dimension slice of a padded tensor does): the
@@ -112,8 +119,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if path == "cuda":
         from gpt2fast.ops import _cuda_library
 
-        return _cuda_library.cross_entropy(x, t, int(ignore_index))
-    return _CrossEntropyFn.apply(x, t, int(ignore_index))
+        return _cuda_library.cross_entropy(x, t, ignore_index)
+    return _CrossEntropyFn.apply(x, t, ignore_index)
 
 
 def default_chunk_size(n_rows: int, n_classes: int, hidden_size: int) -> int:
@@ -154,17 +161,24 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
         raise ValueError(f"linear_cross_entropy: chunk_size must be a positive integer, got {chunk_size!r}")
     reason = _dispatch.why_not_triton([hidden, weight, targets], extra=_shape_problem(n_classes))
+    ignore_index = int(ignore_index)
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(targets.numel(), n_classes, width)
     path = _dispatch.choose("linear_cross_entropy", backend, reason,
                             lambda: _dispatch.why_not_cuda([hidden, weight, targets], extra=_shape_problem(n_classes)),
-                            (hidden,))
-    h = hidden.reshape(-1, width)
+                            (hidden, weight, targets),
+                            run=lambda p, h, w, t: _run_linear_cross_entropy(p, h, w, t, ignore_index, chunk),
+                            bucket=_dispatch.shape_bucket(targets.numel(), n_classes, width) + f"|chunk{chunk}")
+    return _run_linear_cross_entropy(path, hidden, weight, targets, ignore_index, chunk)
+
+
+def _run_linear_cross_entropy(path: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              ignore_index: int, chunk: int) -> torch.Tensor:
+    h = hidden.reshape(-1, weight.shape[1])
     t = targets.reshape(-1)
     if t.dtype != torch.int64:
         t = t.to(torch.int64)
-    rows = h.shape[0]
-    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(rows, n_classes, width)
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropyFn.apply(h, weight, t, int(ignore_index), chunk, path, want_grads)
+    return _LinearCrossEntropyFn.apply(h, weight, t, ignore_index, chunk, path, want_grads)
 
 
 # ----------------------------------------------------------------------------------------------- checks

@@ -187,8 +187,32 @@ def report(build: bool = False) -> Tuple[str, bool]:
         lines.append(f"{op if op != last else '':<22}{backend:<9}{ok:<11}{note}")
         last = op
     lines.append("-" * 100)
-    lines.append("backend='auto' picks the fastest available path and falls back to torch with a one-time warning.")
+    lines.append("backend='auto' on a GPU times every path that can run (ours in CUDA C++ and Triton, the PyTorch "
+                 "peer) the first time it meets a shape, and keeps the fastest; where no fused path can run it "
+                 "falls back to torch with a one-time warning.")
+    lines += ["", *decision_lines()]
     return "\n".join(lines), cuda[1].module is not None
+
+
+def decision_lines() -> List[str]:
+    """The decisions backend='auto' measured on this machine (gpt2fast/ops/_decisions.py)."""
+    import os
+
+    from gpt2fast.ops import _decisions
+
+    file = _decisions.path()
+    entries = _decisions.read(file)
+    override = os.environ.get("GPT2FAST_PREFER_BACKEND")
+    lines = [f"backend decisions measured on this machine: {file}"
+             + ("" if entries else " (none yet: they are made on the GPU, on first use)")]
+    if override:
+        lines.append(f"  GPT2FAST_PREFER_BACKEND={override} overrides them")
+    for key in sorted(entries):
+        entry = entries[key]
+        times = ", ".join(f"{p} {ms:.3f} ms" for p, ms in sorted(entry.get("ms", {}).items(), key=lambda x: x[1]))
+        lines.append(f"  {entry['backend']:<7}{key}")
+        lines.append(f"         {times}  ({entry.get('measured', 'undated')})")
+    return lines
 
 
 def main(argv: Optional[List[str]] = None) -> int:

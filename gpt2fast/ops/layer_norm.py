@@ -60,14 +60,22 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residu
     _check_args(x, weight, bias, residual)
     tensors = [x, weight, bias] + ([residual] if residual is not None else [])
     reason = _dispatch.why_not_triton(tensors, extra=_shape_problem(x))
-    path = _dispatch.choose("layer_norm", backend, reason, lambda: _why_not_cuda(tensors, x, weight, bias), tensors)
+    eps = float(eps)
+    path = _dispatch.choose("layer_norm", backend, reason, lambda: _why_not_cuda(tensors, x, weight, bias), tensors,
+                            run=lambda p, x, w, b, *r: _run(p, x, w, b, r[0] if r else None, eps),
+                            bucket=_dispatch.shape_bucket(x.numel() // max(1, x.shape[-1]), x.shape[-1])
+                            + ("|residual" if residual is not None else ""))
+    return _run(path, x, weight, bias, residual, eps)
+
+
+def _run(path: str, x, weight, bias, residual, eps: float) -> Output:
     if path == "torch":
         return layer_norm_reference(x, weight, bias, residual, eps)
     if path == "cuda":
         from gpt2fast.ops import _cuda_library
 
-        return _cuda_library.layer_norm(x, weight, bias, residual, float(eps))
-    return _LayerNormFn.apply(x, weight, bias, residual, float(eps))
+        return _cuda_library.layer_norm(x, weight, bias, residual, eps)
+    return _LayerNormFn.apply(x, weight, bias, residual, eps)
 
 
 def _check_args(x, weight, bias, residual) -> None:

@@ -1,11 +1,13 @@
 // The tensor-core attention kernels (csrc/kernels/attention_impl.cuh) run on the CPU: every thread of a CUDA
 // block is an OS thread, __syncthreads is a block-wide barrier, a warp shuffle and an mma.m16n8k16 are
 // exchanges through per-warp slots between two warp-wide barriers, and the mma reassembles the 16x16 and 16x8
-// operands from the 32 lanes' registers with the PTX ISA's fragment layout. The kernels' own code (tiling,
-// fragment loads, masking, online softmax, the three backward passes, strides) is what runs; only the
-// portability layer below differs from the GPU build (csrc/kernels/attention.cu). Results are compared with a
-// float64 reference with flash-attention's rule: the kernel's error at most twice that of a plain
-// low-precision computation (scores and softmax in fp32, operands of every product rounded to the dtype).
+// operands from the 32 lanes' registers with the PTX ISA's fragment layout; a 16-byte vector load aborts on an
+// address that is not 16-byte aligned, as the GPU faults on one. The kernels' own code (tiling, fragment loads,
+// masking, online softmax, the three backward passes, strides) is what runs; only the portability layer below
+// differs from the GPU build (csrc/kernels/attention.cu). Results are compared with a float64 reference with
+// flash-attention's rule: the kernel's error at most twice that of a plain low-precision computation (scores
+// and softmax in fp32, operands of every product rounded to the dtype); delta = rowsum(dO * O) with the bound
+// of an fp32 sum, for aligned rows (vector loads) and misaligned ones (scalar loads), which must agree bitwise.
 #include <algorithm>
 #include <barrier>
 #include <cmath>
@@ -115,6 +117,13 @@ G2F_ATTN_FN uint32_t load_u32(const void* p) {
   return w;
 }
 G2F_ATTN_FN void store_u32(void* p, uint32_t w) { std::memcpy(p, &w, 4); }
+G2F_ATTN_FN void load16(const void* p, uint32_t (&w)[4]) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {  // a GPU stops the kernel: misaligned address
+    std::fprintf(stderr, "emulated GPU: 16-byte load from %p, which is not 16-byte aligned\n", p);
+    std::abort();
+  }
+  std::memcpy(w, p, 16);
+}
 
 template <class E>
 G2F_ATTN_FN float to_float(E v) {
@@ -291,6 +300,48 @@ Reference reference(const Case<E>& c, bool lowp) {
   return r;
 }
 
+// Runs the backward's first kernel, delta = rowsum(dO * O), on p's o and dout (B * H * p.seq rows) into a buffer
+// with nan guards on both sides, checks that the guards are untouched and returns the rows.
+template <class E, int D>
+std::vector<float> run_delta(attn::Params p, int B, int H) {
+  constexpr size_t kGuard = 16;
+  const size_t rows = static_cast<size_t>(B) * H * p.seq;
+  std::vector<float> buf(rows + 2 * kGuard, NAN);
+  p.delta = buf.data() + kGuard;
+  constexpr int kRows = attn::DeltaShape<E, D>::kRowsPerBlock;
+  run_grid((p.seq + kRows - 1) / kRows, B * H, 0,
+           [&](int bx, int by, int tid, unsigned char*) { attn::delta_block<E, D>(p, bx, by, tid); });
+  for (size_t i = 0; i < kGuard; ++i) {
+    CHECK_MSG(std::isnan(buf[i]) && std::isnan(buf[kGuard + rows + i]), "delta written outside its rows");
+  }
+  return std::vector<float>(buf.begin() + kGuard, buf.end() - kGuard);
+}
+
+// The first row of delta (rows bh * T + t) farther from the float64 rowsum(dO * O) of the same stored elements than
+// an fp32 sum can be, or -1. The products of two 16-bit floats are exact in fp32, so only the D - 1 additions
+// round: in any order, within D u sum_d |O dO| (u = 2^-24). A delta that misses or repeats one lane's eight
+// products is off by about their sum, thousands of times that.
+template <class E, int D>
+int64_t first_bad_delta(const std::vector<float>& got, const E* o, const attn::Strides& so, const E* dout,
+                        const attn::Strides& sdo, int B, int H, int T) {
+  for (int b = 0; b < B; ++b) {
+    for (int h = 0; h < H; ++h) {
+      for (int t = 0; t < T; ++t) {
+        double exact = 0, magnitude = 0;
+        for (int d = 0; d < D; ++d) {
+          const double x = static_cast<double>(to_f<E>(o[b * so.b + h * so.h + t * so.t + d])) *
+                           static_cast<double>(to_f<E>(dout[b * sdo.b + h * sdo.h + t * sdo.t + d]));
+          exact += x;
+          magnitude += std::fabs(x);
+        }
+        const int64_t row = (static_cast<int64_t>(b) * H + h) * T + t;
+        if (!(std::fabs(static_cast<double>(got[row]) - exact) <= D * 0x1p-24 * magnitude)) return row;
+      }
+    }
+  }
+  return -1;
+}
+
 template <class E, int D>
 void run_kernels(Case<E>& c) {
   const int B = c.B, H = c.H, T = c.T;
@@ -326,9 +377,8 @@ void run_kernels(Case<E>& c) {
   run_grid(blocks, B * H, attn::ForwardShape<E, D>::kSmemBytes, [&](int bx, int by, int tid, unsigned char* smem) {
     attn::forward_block<E, D>(p, bx, by, tid, smem);
   });
-  for (int bh = 0; bh < B * H; ++bh) {
-    for (int row = 0; row < T; ++row) attn::delta_row<E, D>(p, bh, row);
-  }
+  c.delta = run_delta<E, D>(p, B, H);
+  p.delta = c.delta.data();
   run_grid(blocks, B * H, attn::BackwardShape<E, D>::kDkdvSmemBytes,
            [&](int bx, int by, int tid, unsigned char* smem) { attn::dkdv_block<E, D>(p, bx, by, tid, smem); });
   p.out = c.dq.data();
@@ -378,6 +428,10 @@ void check_case(const char* dtype, int B, int H, int T, bool causal, unsigned se
   const double lse_err = max_err_d(lse, exact.lse);
   CHECK_MSG(lse_err <= 1e-3 * std::max(1.0, max_abs(exact.lse)), std::string(name) + ": lse error " +
                                                                       std::to_string(lse_err));
+  const attn::Strides in{c.in.b, c.in.h, c.in.t};
+  const attn::Strides contiguous{static_cast<int64_t>(H) * T * D, static_cast<int64_t>(T) * D, D};
+  const int64_t bad = first_bad_delta<E, D>(c.delta, c.o.data(), contiguous, c.dout.data(), in, B, H, T);
+  CHECK_MSG(bad < 0, std::string(name) + ": delta of row " + std::to_string(bad) + " off its float64 value");
   const struct {
     const char* what;
     const std::vector<E>& got;
@@ -399,6 +453,91 @@ void check_case(const char* dtype, int B, int H, int T, bool causal, unsigned se
                                  " > bound " + std::to_string(bound) + " (plain low precision " +
                                  std::to_string(plain) + ")");
   }
+}
+
+// A (B, H, T, D) tensor stored in (B, T, H, D) order with `pad` nan elements after each time step (a read past a
+// row's end gets nan), its first element `shift` elements past a 16-byte boundary.
+template <class E>
+struct Stored {
+  std::vector<E> buf;
+  const E* data;
+  attn::Strides s;
+};
+
+template <class E>
+Stored<E> store_bthd(const std::vector<E>& bhtd, int B, int H, int T, int D, int pad, int shift) {
+  Stored<E> st;
+  const int64_t t_stride = static_cast<int64_t>(H) * D + pad;
+  st.s = attn::Strides{T * t_stride, D, t_stride};
+  st.buf.assign(static_cast<size_t>(B * st.s.b + shift + 16), from_f<E>(NAN));
+  const size_t lead = (16 - reinterpret_cast<uintptr_t>(st.buf.data()) % 16) % 16 / sizeof(E);
+  E* base = st.buf.data() + lead + shift;
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int t = 0; t < T; ++t)
+        for (int d = 0; d < D; ++d)
+          base[b * st.s.b + h * st.s.h + t * st.s.t + d] = bhtd[((static_cast<size_t>(b) * H + h) * T + t) * D + d];
+  st.data = base;
+  return st;
+}
+
+// delta on its own, for O and dO with every row 16-byte aligned (the vector loads); both shifted by one element
+// with a time stride of 1 mod 8 elements (one row in eight aligned: both paths within a warp); and only dO so
+// (a kernel that checked only O's alignment would make a misaligned vector load). Each against float64, and all
+// three bitwise equal (both paths add the same products in the same order). Then the check itself: a delta
+// missing one lane's eight products must fail it.
+template <class E, int D>
+void check_delta(const char* dtype, int B, int H, int T, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::vector<E> o, dout;
+  const size_t n = static_cast<size_t>(B) * H * T * D;
+  fill(o, n, rng, 1.0f);
+  fill(dout, n, rng, 1.0f);
+  char name[120];
+  std::snprintf(name, sizeof(name), "delta %s D=%d B=%d H=%d T=%d", dtype, D, B, H, T);
+  const struct {
+    const char* what;
+    int o_pad, o_shift, do_pad, do_shift;
+  } layouts[] = {{"aligned", 8, 0, 8, 0}, {"misaligned", 9, 1, 9, 1}, {"dO misaligned", 8, 0, 9, 1}};
+  std::vector<float> first;
+  for (const auto& l : layouts) {
+    const Stored<E> so = store_bthd(o, B, H, T, D, l.o_pad, l.o_shift);
+    const Stored<E> sd = store_bthd(dout, B, H, T, D, l.do_pad, l.do_shift);
+    attn::Params p{};
+    p.o = so.data;
+    p.dout = sd.data;
+    p.so = so.s;
+    p.sdo = sd.s;
+    p.heads = H;
+    p.seq = T;
+    const std::vector<float> got = run_delta<E, D>(p, B, H);
+    const std::string what = std::string(name) + " (" + l.what + ")";
+    const int64_t bad = first_bad_delta<E, D>(got, so.data, so.s, sd.data, sd.s, B, H, T);
+    CHECK_MSG(bad < 0, what + ": row " + std::to_string(bad) + " off its float64 value");
+    if (first.empty()) {
+      first = got;
+      std::vector<float> broken = got;  // lane 1's columns [kPer, 2 kPer) of the middle row left out
+      const int64_t row = static_cast<int64_t>(got.size() / 2), bh = row / T, t = row % T;
+      constexpr int kPer = attn::DeltaShape<E, D>::kPerLane;
+      for (int d = kPer; d < 2 * kPer; ++d) {
+        const int64_t at_o = bh / H * so.s.b + bh % H * so.s.h + t * so.s.t + d;
+        const int64_t at_d = bh / H * sd.s.b + bh % H * sd.s.h + t * sd.s.t + d;
+        broken[row] -= to_f<E>(so.data[at_o]) * to_f<E>(sd.data[at_d]);
+      }
+      const int64_t caught = first_bad_delta<E, D>(broken, so.data, so.s, sd.data, sd.s, B, H, T);
+      CHECK_MSG(caught == row, what + ": the float64 check misses a delta without one lane's products");
+    } else {
+      CHECK_MSG(std::memcmp(got.data(), first.data(), got.size() * sizeof(float)) == 0,
+                what + ": not bitwise equal to the aligned rows' delta");
+    }
+  }
+}
+
+TEST_CASE(attention_delta) {
+  check_delta<Bf16, 64>("bf16", 2, 3, 37, 301);
+  check_delta<Half, 64>("fp16", 1, 2, 16, 302);   // whole blocks of rows only
+  check_delta<Bf16, 128>("bf16", 1, 3, 9, 303);   // a second block with one row
+  check_delta<Half, 128>("fp16", 2, 1, 1, 304);
 }
 
 TEST_CASE(attention_bf16_head_dim_64) {
