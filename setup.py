@@ -15,7 +15,7 @@ import runpy
 import shutil
 import subprocess
 
-from pybind11.setup_helpers import Pybind11Extension, ParallelCompile
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from pybind11.setup_helpers import build_ext as pybind11_build_ext
 from setuptools import setup
 from setuptools.command.build_py import build_py

@@ -30,12 +30,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-import pytest
-
 # Figures and rows live in bench_results (shared with the GPU suites' gpu_timing); the row and JSON format,
 # and the Markdown/PNG report, in gpt2fast.bench.
 import bench_results
+import pytest
 from bench_results import NOTES, SESSION, Figure, record
+
 from gpt2fast.bench import text_table
 
 QUICK = os.environ.get("GPT2FAST_BENCH_QUICK", "") not in ("", "0")
@@ -125,7 +125,7 @@ class Trainer:
     train: Callable[[List[str], int], int]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ours_encoder() -> Encoder:
     from gpt2fast import Tokenizer
 
@@ -135,7 +135,7 @@ def _ours_encoder() -> Encoder:
                    load_code="tok = gpt2fast.tokenizer.Tokenizer.gpt2(); tok.encode_ordinary('Hello world')")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiktoken_encoder() -> Encoder:
     tiktoken = pytest.importorskip("tiktoken")
     if TIKTOKEN_CACHE.is_dir():  # offline copy of the files tiktoken would download (inherited by subprocesses)

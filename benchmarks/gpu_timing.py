@@ -43,8 +43,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import pytest
 import torch
-
 from bench_results import SESSION, Figure, record
+
 from gpt2fast.hardware import GpuPeak, detect_gpu, peak_shares
 
 L2_FLUSH_BYTES = 256 * 2**20
@@ -60,7 +60,7 @@ SPIN_TRIES = 3  # a batch the host could not queue before the GPU reached it is 
 SPIN_CALIBRATION_CYCLES = 10_000_000  # torch.cuda._sleep cycles timed once per device (some milliseconds)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpu_peak(device_index: int = 0) -> Optional[GpuPeak]:
     """The peak figures of this GPU (``gpt2fast.hardware``), or None for one not in its table."""
     name = torch.cuda.get_device_name(device_index)
@@ -72,7 +72,7 @@ def gpu_peak(device_index: int = 0) -> Optional[GpuPeak]:
     return peak
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flush_buffer(device_index: int) -> torch.Tensor:
     return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=f"cuda:{device_index}")
 
@@ -185,7 +185,7 @@ def time_calls(stream, fn: Callable[[], object], flush: Optional[Callable[[], ob
                   flushes_ms / (calls - 1) if calls > 1 else 0.0, host_bound)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sleep_cycles_per_ms(device_index: int) -> float:
     """GPU clock cycles ``torch.cuda._sleep`` spins per millisecond on this device (timed once)."""
     with torch.cuda.device(device_index):
@@ -239,7 +239,7 @@ def time_cuda(fn: Callable[[], object], warmup: int = 10, iters: int = 50, flush
     return timing.ms
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def copy_gb_per_s(nbytes: int) -> float:
     """Measured device-to-device copy bandwidth (GB/s of bytes read + written) for ``nbytes`` moved in all:
     the practical ceiling for a memory-bound kernel that moves as many bytes."""
@@ -279,7 +279,7 @@ def _copy_gb_per_s(nbytes: int = CEILING_COPY_BYTES) -> float:
     return 2 * nbytes / ms / 1e6
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_ceilings(device_index: int = 0) -> Ceilings:
     """The TFLOP/s of a large bf16 matmul and the GB/s of a large copy on this GPU, measured once per session:
     what a kernel can reach in practice, beside the datasheet peak."""

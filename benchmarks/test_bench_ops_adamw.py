@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from gpu_timing import copy_gb_per_s, record_figures, report, require_backend, run_benchmark, time_cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA device here")

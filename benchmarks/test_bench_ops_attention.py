@@ -25,15 +25,25 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from gpu_timing import (
+    OURS_BACKENDS,
+    first_call,
+    measure_once,
+    record_figures,
+    report,
+    require_backend,
+    run_benchmark,
+    time_cuda,
+)
+
+from gpt2fast.ops import attention
 
 # A mark, not a module-level skip: without a GPU the benchmarks are still collected (tools/gpu_session.sh
 # --dry-run lists them) and each one is skipped with the reason.
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks: CUDA is not available (the attention kernels are timed on a GPU)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="GPU benchmarks: CUDA is not available (the attention kernels are timed on a GPU)")
 
-from gpu_timing import (OURS_BACKENDS, first_call, measure_once, record_figures, report,
-                        require_backend, run_benchmark, time_cuda)
-
-from gpt2fast.ops import attention
 
 attention_module = importlib.import_module("gpt2fast.ops.attention")
 

@@ -28,16 +28,27 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_results import Figure, record
+from gpu_timing import (
+    OURS_BACKENDS,
+    copy_gb_per_s,
+    first_call,
+    measure_once,
+    record_figures,
+    report,
+    require_backend,
+    run_benchmark,
+    time_cuda,
+)
+
+from gpt2fast.ops import cross_entropy, linear_cross_entropy
 
 # A mark, not a module-level skip: without a GPU the benchmarks are still collected (tools/gpu_session.sh
 # --dry-run lists them) and each one is skipped with the reason.
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks: CUDA is not available (the cross-entropy kernels are timed on a GPU)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="GPU benchmarks: CUDA is not available (the cross-entropy kernels are timed on a GPU)")
 
-from bench_results import Figure, record
-from gpu_timing import (OURS_BACKENDS, copy_gb_per_s, first_call, measure_once, record_figures,
-                        report, require_backend, run_benchmark, time_cuda)
-
-from gpt2fast.ops import cross_entropy, linear_cross_entropy
 
 ce_module = importlib.import_module("gpt2fast.ops.cross_entropy")
 

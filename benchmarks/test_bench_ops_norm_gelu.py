@@ -14,9 +14,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from gpu_timing import (OURS_BACKENDS, copy_gb_per_s, first_call, record_figures, report, require_backend,
-                        run_benchmark, time_cuda)
+from gpu_timing import (
+    OURS_BACKENDS,
+    copy_gb_per_s,
+    first_call,
+    record_figures,
+    report,
+    require_backend,
+    run_benchmark,
+    time_cuda,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA device here")
 

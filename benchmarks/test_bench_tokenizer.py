@@ -90,7 +90,7 @@ def test_linear_time(ours, pathological_sizes, char, measure):
     texts = {n: char * n for n in pathological_sizes}
 
     def ns_per_char():
-        return {n: _best_seconds(lambda: ours.encode_ordinary(texts[n])) / n * 1e9 for n in pathological_sizes}
+        return {n: _best_seconds(lambda n=n: ours.encode_ordinary(texts[n])) / n * 1e9 for n in pathological_sizes}
 
     _, per_char = measure.run(ns_per_char, group="linear time (ours)", rounds=1)
     shortest, longest = min(pathological_sizes), max(pathological_sizes)

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-# A mark, not a module-level skip: without a GPU the benchmarks are still collected (tools/gpu_session.sh
-# --dry-run lists them) and each one is skipped with the reason.
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: CUDA is not available (the training step is timed on a GPU)")
-
 from bench_results import NOTES, Figure, record
 from gpu_timing import measured_ceilings, record_figures, report, time_cuda
 
 from gpt2fast.model import GPT2, GPT2Config
 from gpt2fast.plain_gpt2 import PlainGPT2
 from gpt2fast.train import TrainConfig, flops_per_token, make_optimizer
+
+# A mark, not a module-level skip: without a GPU the benchmarks are still collected (tools/gpu_session.sh
+# --dry-run lists them) and each one is skipped with the reason.
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="GPU benchmark: CUDA is not available (the training step is timed on a GPU)")
+
 
 BATCH, T = 32, 1024
 LOSS_STEPS = 200

@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+from gpt2fast._io import write_atomic
 
 FORMAT = "gpt2fast-bench-results"
 VERSION = 1
@@ -76,7 +77,7 @@ class Figure:
                 "rates": dict(self.rates), "shares": dict(self.shares), "share_basis": self.share_basis}
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "Figure":
+    def from_dict(cls, d: Dict[str, Any]) -> Figure:
         if not isinstance(d, dict) or not isinstance(d.get("impl"), str) or not isinstance(d.get("unit"), str) \
                 or not isinstance(d.get("value"), (int, float)) or isinstance(d.get("value"), bool):
             raise ValueError(f"a figure needs impl (text), value (a number) and unit (text), got {d!r}")
@@ -123,7 +124,7 @@ class Row:
                 "ratio": self.ratio, "goal": self.goal, "met": self.met}
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "Row":
+    def from_dict(cls, d: Dict[str, Any]) -> Row:
         if not isinstance(d, dict) or not isinstance(d.get("benchmark"), str):
             raise ValueError(f"a row needs a benchmark name, got {d!r}")
         goal = d.get("goal")
@@ -148,9 +149,7 @@ def write_results(path, results: Results) -> Path:
     """Write ``results`` as JSON; through a temporary file, so an earlier file is never left half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(results.to_dict(), indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    write_atomic(path, (json.dumps(results.to_dict(), indent=1, default=str) + "\n").encode("utf-8"))
     return path
 
 

@@ -80,7 +80,7 @@ class Shape:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 
     @classmethod
-    def from_preset(cls, name: str, seq: Optional[int] = None, **overrides) -> "Shape":
+    def from_preset(cls, name: str, seq: Optional[int] = None, **overrides) -> Shape:
         from gpt2fast.model import PRESETS
 
         if name not in PRESETS:
@@ -93,7 +93,7 @@ class Shape:
         return cls(**values)
 
     @classmethod
-    def from_config(cls, config) -> "Shape":
+    def from_config(cls, config) -> Shape:
         """From a GPT2Config or its dict (as stored in a checkpoint's trainer_state.pt)."""
         get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
         return cls(n_layer=get("n_layer"), n_embd=get("n_embd"), n_head=get("n_head"),

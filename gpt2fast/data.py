@@ -741,7 +741,7 @@ def _run_pipeline(inputs, opts: PrepareOptions, tokenizer, writers: Dict[str, _S
         ids = tokenizer.encode_ordinary_batch([t for t, _, _ in batch], num_threads=opts.num_threads)
         out = {s: [] for s in SPLITS}
         counts = {s: 0 for s in SPLITS}
-        for (text, nbytes, digest), doc_ids in zip(batch, ids):
+        for (_text, nbytes, digest), doc_ids in zip(batch, ids):
             tokens = np.concatenate(([eot], _as_uint16(doc_ids, tokenizer))).astype(TOKEN_DTYPE)
             stages["tokenize"].record(nbytes, nbytes)
             stages["tokenize"].extra["tokens"] += len(tokens)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gpt2fast import ops
-from gpt2fast._io import write_atomic
+from gpt2fast._io import atomic_path, write_atomic
 
 PathLike = Union[str, os.PathLike]
 
@@ -65,7 +65,7 @@ class GPT2Config:
         return (self.vocab_size + m - 1) // m * m
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "GPT2Config":
+    def preset(cls, name: str, **overrides) -> GPT2Config:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -104,7 +104,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.backend = backend
 
-    def forward(self, x, cache: Optional["KVCache"] = None, layer: int = 0):
+    def forward(self, x, cache: Optional[KVCache] = None, layer: int = 0):
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D), views: no copies
@@ -191,7 +191,7 @@ class GPT2(nn.Module):
         with torch.no_grad():  # padding rows are never looked up nor predicted
             self.transformer.wte.weight[self.config.vocab_size:].zero_()
 
-    def set_backend(self, backend: str) -> "GPT2":
+    def set_backend(self, backend: str) -> GPT2:
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {ops.BACKENDS}")
         self.backend = backend
@@ -299,14 +299,14 @@ class GPT2(nn.Module):
         new = list(self.generate_stream(idx, max_new_tokens, **sampling))
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
 
-    def _trunk_logits(self, idx, cache: "KVCache"):
+    def _trunk_logits(self, idx, cache: KVCache):
         start = cache.length
         x = self._trunk(idx, cache, start)
         return self.lm_head(x[:, -1]).float()[:, :self.config.vocab_size]
 
     # ------------------------------------------------------------------ Hugging Face weights
     @classmethod
-    def from_pretrained(cls, path: PathLike, backend: str = "auto", **config_overrides) -> "GPT2":
+    def from_pretrained(cls, path: PathLike, backend: str = "auto", **config_overrides) -> GPT2:
         """Load a Hugging Face GPT-2 checkpoint from a local folder (config.json and model.safetensors or
         pytorch_model.bin), or one written by ``save_pretrained``."""
         path = Path(path)
@@ -364,9 +364,8 @@ class GPT2(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         write_atomic(path / "config.json", json.dumps(_config_to_hf(self.config), indent=2).encode("utf-8"))
-        tmp = path / ".model.safetensors.tmp"
-        save_file(self.hf_state_dict(), str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path / "model.safetensors")
+        with atomic_path(path / "model.safetensors") as tmp:
+            save_file(self.hf_state_dict(), str(tmp), metadata={"format": "pt"})
         return path
 
 

@@ -26,7 +26,7 @@ def default_corpus_path() -> Path:
 def _open_text(path: Path):
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
 def _is_jsonl(path: Path) -> bool:

@@ -34,7 +34,7 @@ SpecialSet = Union[Literal["all"], AbstractSet[str], Collection[str]]
 class Tokenizer:
     """A byte-level BPE vocabulary with encode/decode. Immutable and safe to share between threads."""
 
-    def __init__(self, core: "_bpe.CoreBPE", name: str = "custom"):
+    def __init__(self, core: _bpe.CoreBPE, name: str = "custom"):
         self._core = core
         self.name = name
         self._special_tokens = {text: int(i) for text, i in core.specials()}
@@ -44,13 +44,13 @@ class Tokenizer:
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
-    def gpt2(cls) -> "Tokenizer":
+    def gpt2(cls) -> Tokenizer:
         """GPT-2's vocabulary (50,257 tokens), from the copy shipped inside the package. Loaded once."""
         return _gpt2_tokenizer()
 
     @classmethod
     def from_files(cls, encoder_json: Union[str, os.PathLike], vocab_bpe: Union[str, os.PathLike],
-                   name: Optional[str] = None) -> "Tokenizer":
+                   name: Optional[str] = None) -> Tokenizer:
         """Load GPT-2's file format: ``encoder.json`` (token -> id) and ``vocab.bpe`` (merges in order)."""
         encoder_json, vocab_bpe = Path(encoder_json), Path(vocab_bpe)
         try:
@@ -61,7 +61,7 @@ class Tokenizer:
 
     @classmethod
     def from_tiktoken(cls, path: Union[str, os.PathLike], special_tokens: Optional[dict] = None,
-                      name: Optional[str] = None) -> "Tokenizer":
+                      name: Optional[str] = None) -> Tokenizer:
         """Load a tiktoken ranks file (``<base64 token> <rank>`` per line).
 
         ``special_tokens`` maps text to id; by default ``<|endoftext|>`` takes the id after the last rank
@@ -126,7 +126,7 @@ class Tokenizer:
     def decode_single_token_bytes(self, token: int) -> bytes:
         return self._core.token_bytes(token)
 
-    def stream_decoder(self, errors: str = "replace") -> "StreamDecoder":
+    def stream_decoder(self, errors: str = "replace") -> StreamDecoder:
         """A decoder fed ids a few at a time that only ever returns whole characters."""
         return StreamDecoder(self, errors)
 
@@ -168,7 +168,7 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Union[str, Iterable[str]], vocab_size: int,
               special_tokens: Sequence[str] = (EOT,), *, num_threads: Optional[int] = None,
-              name: str = "trained") -> "Tokenizer":
+              name: str = "trained") -> Tokenizer:
         """Learn a byte-level BPE vocabulary of ``vocab_size`` tokens from ``texts``, the GPT-2 way.
 
         The 256 byte tokens come first (in GPT-2's byte order), then one token per merge, then the

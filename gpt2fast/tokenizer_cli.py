@@ -102,7 +102,8 @@ def cmd_bench(args) -> int:
              _best_seconds(lambda: tok.encode_ordinary_batch(texts, num_threads=threads), args.repeat))]
     peer = _tiktoken_gpt2() if args.vocab in (None, "gpt2") else None
     if peer is not None:
-        rows.append(("tiktoken encode_ordinary (1 thread)", _best_seconds(lambda: peer.encode_ordinary(joined), args.repeat)))
+        rows.append(("tiktoken encode_ordinary (1 thread)",
+                     _best_seconds(lambda: peer.encode_ordinary(joined), args.repeat)))
         rows.append((f"tiktoken encode_ordinary_batch ({threads} threads)",
                      _best_seconds(lambda: peer.encode_ordinary_batch(texts, num_threads=threads), args.repeat)))
     print(f"{len(texts)} documents, {n_bytes / 1e6:.2f} MB of UTF-8, best of {args.repeat}")

@@ -227,7 +227,8 @@ def peak_flops(device: torch.device) -> Optional[float]:
 def flops_per_token(model) -> float:
     """Training FLOPs per token: 6 per parameter (forward + backward) plus the attention scores."""
     c = model.config
-    return 6 * model.num_params(non_embedding=True) + 6 * c.vocab_size * c.n_embd + 12 * c.n_layer * c.n_embd * c.block_size
+    return (6 * model.num_params(non_embedding=True) + 6 * c.vocab_size * c.n_embd
+            + 12 * c.n_layer * c.n_embd * c.block_size)
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -284,8 +285,9 @@ def save_checkpoint(out_dir: Path, model, optimizer, scaler, step: int, loader, 
     tmp = out_dir / f".tmp_ckpt_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    state = {"step": step, "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-             "loader": loader.state_dict(), "rng": _rng_state(), "config": dataclasses.asdict(cfg),
+    state = {"step": step, "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+             "scaler": scaler.state_dict() if scaler else None, "loader": loader.state_dict(), "rng": _rng_state(),
+             "config": dataclasses.asdict(cfg),
              "model_config": dataclasses.asdict(model.config)}
     torch.save(state, tmp / "trainer_state.pt")
     if final.exists():
@@ -554,7 +556,8 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 if not math.isfinite(loss):
                     bad += 1
-                    warnings.warn(f"step {self.step}: the loss is {loss}; the step was skipped ({bad} in a row)")
+                    warnings.warn(f"step {self.step}: the loss is {loss}; the step was skipped ({bad} in a row)",
+                                  stacklevel=2)
                     if bad >= cfg.max_bad_steps:
                         raise RuntimeError(f"{bad} non-finite losses in a row at step {self.step}: lower --lr, "
                                            f"raise --warmup_steps or check the data")

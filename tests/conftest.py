@@ -45,7 +45,7 @@ def tok():
 @pytest.fixture(scope="session")
 def tiktoken_gpt2():
     """tiktoken's GPT-2 encoding, built from the vocabulary files we ship (no network)."""
-    tiktoken = pytest.importorskip("tiktoken")
+    pytest.importorskip("tiktoken")
     import tiktoken.load
 
     ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(

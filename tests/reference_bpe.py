@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections import Counter
 
 import regex
-
 from conftest import GPT2_PATTERN
 
 

@@ -96,7 +96,8 @@ def test_mfu_from_a_benchmark_results_file(capsys, tmp_path):
 
     path = write_results(tmp_path / "r.json", Results(
         [train_row("ours (eager)", 0.31), train_row("ours (torch.compile)", 0.47),
-         Row("attention", Figure("ours (triton)", 1.0, "ms", False, shares={"detected": 0.9}), None, None, "attention")],
+         Row("attention", Figure("ours (triton)", 1.0, "ms", False, shares={"detected": 0.9}), None, None,
+             "attention")],
         {"gpu": "NVIDIA H100 80GB HBM3"}))
     assert compute.measured_mfu(path) == (0.47, f"ours (torch.compile) on NVIDIA H100 80GB HBM3 ({path})")
     assert main(["--model", "gpt2", "--tokens", "1e9", "--gpu", "h100", "--mfu-from", str(path)]) == 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from ops_testing import assert_within_flash_rule, max_error
 
 ON_GPU = torch.cuda.is_available()

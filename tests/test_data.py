@@ -14,9 +14,23 @@ import pytest
 import torch
 
 from gpt2fast import data
-from gpt2fast.data import (DataError, PrepareOptions, ShardDataset, ShardError, TokenLoader, clean_text,
-                           dup_line_share, letter_share, main, prepare, read_shard, read_shard_header,
-                           top_ngram_share, unigram_entropy, url_host)
+from gpt2fast.data import (
+    DataError,
+    PrepareOptions,
+    ShardDataset,
+    ShardError,
+    TokenLoader,
+    clean_text,
+    dup_line_share,
+    letter_share,
+    main,
+    prepare,
+    read_shard,
+    read_shard_header,
+    top_ngram_share,
+    unigram_entropy,
+    url_host,
+)
 from gpt2fast.tokenizer import EOT
 
 SMALL = dict(val_fraction=0.3, shard_tokens=1000, seed=7)
@@ -361,7 +375,8 @@ def test_ranks_get_disjoint_parts_of_the_same_global_batch(prepared):
 def test_resume_gives_the_next_batch_exactly(prepared):
     out, _ = prepared
     for rank in (0, 1):
-        make = lambda: TokenLoader(out, "train", batch_size=4, block_size=16, seed=5, rank=rank, world_size=2)
+        make = lambda rank=rank: TokenLoader(out, "train", batch_size=4, block_size=16, seed=5, rank=rank,
+                                         world_size=2)
         straight = make()
         for _ in range(30):  # past an epoch boundary
             next(straight)

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-
-from gpt2fast.model import GPT2, GPT2Config, PRESETS
 from ops_testing import DEVICE, ON_GPU, needs_triton
+
+from gpt2fast.model import GPT2, PRESETS, GPT2Config
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 import torch
+from ops_testing import assert_within_flash_rule
 
 from gpt2fast.ops import _cuda
 from gpt2fast.ops.adamw import AdamW
-from ops_testing import assert_within_flash_rule
 
 HP = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
 

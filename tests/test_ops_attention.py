@@ -16,10 +16,10 @@ import warnings
 
 import pytest
 import torch
+from ops_testing import DEVICE, DTYPES, INTERPRETING, ON_GPU, assert_within_flash_rule, fresh, needs_triton
 
 from gpt2fast.ops import _dispatch
 from gpt2fast.ops.attention import attention, attention_reference
-from ops_testing import DEVICE, DTYPES, INTERPRETING, ON_GPU, assert_within_flash_rule, fresh, needs_triton
 
 # gpt2fast.ops re-exports the function under the module's name, so fetch the module itself.
 attention_module = importlib.import_module("gpt2fast.ops.attention")

@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from ops_testing import DEVICE, DTYPES, ON_GPU, assert_within_flash_rule, fresh, needs_triton
 
 from gpt2fast.ops import _dispatch
 from gpt2fast.ops.bias_gelu import bias_gelu, bias_gelu_reference
-from ops_testing import DEVICE, DTYPES, ON_GPU, assert_within_flash_rule, fresh, needs_triton
 
 SHAPES = [(1, 1, 1023), (3, 7, 257), (2, 5, 768), (4, 1600), (2, 3, 3072)] + ([(16384, 3072)] if ON_GPU else [])
 

@@ -10,11 +10,16 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from ops_testing import DEVICE, DTYPES, ON_GPU, assert_within_flash_rule, fresh, max_error, needs_triton
 
 from gpt2fast.ops import _dispatch
-from gpt2fast.ops.cross_entropy import (cross_entropy, cross_entropy_reference, default_chunk_size,
-                                        linear_cross_entropy, linear_cross_entropy_reference)
-from ops_testing import DEVICE, DTYPES, ON_GPU, assert_within_flash_rule, fresh, max_error, needs_triton
+from gpt2fast.ops.cross_entropy import (
+    cross_entropy,
+    cross_entropy_reference,
+    default_chunk_size,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
 
 # The package re-exports the function under the module's name, so reach the module itself this way.
 ce_module = importlib.import_module("gpt2fast.ops.cross_entropy")

@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
+from ops_testing import DEVICE, DTYPES, ON_GPU, assert_within_flash_rule, fresh, needs_triton
 
 from gpt2fast.ops import _dispatch
 from gpt2fast.ops.layer_norm import MAX_WIDTH, layer_norm, layer_norm_reference
-from ops_testing import DEVICE, DTYPES, ON_GPU, assert_within_flash_rule, fresh, needs_triton
 
 SHAPES = [(1, 1, 1023), (3, 7, 257), (2, 5, 768), (4, 1600), (2, 8192)] + ([(16384, 768)] if ON_GPU else [])
 

@@ -8,14 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import reference_bpe
 import regex
+from conftest import ASSETS, GPT2_PATTERN, SHARED_DATA
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ASSETS, GPT2_PATTERN, SHARED_DATA
 from gpt2fast import Tokenizer
 from gpt2fast.tokenizer import VocabularyError
-import reference_bpe
 
 EOT = "<|endoftext|>"
 
@@ -23,7 +23,8 @@ EOT = "<|endoftext|>"
 unicode_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)
 # Strings built from the pieces the pre-tokenizer's rules hinge on, so that the rare paths get hit often.
 tricky_alphabet = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'", "'S", "'x", " ", "  ", "\n", "\t", "\r\n",
-                   "\u00a0", "\u3000", "\u2028", "\x0b", "\x1c", "\x85", "a", "Zz", "é", "ß", "中文", "1", "٣", "²", "Ⅻ",
+                   "\u00a0", "\u3000", "\u2028", "\x0b", "\x1c", "\x85", "a", "Zz", "é", "ß", "中文", "1", "٣", "²",
+                   "Ⅻ",
                    "!", "?!", "...", "-", "😀", "👍🏽", "\u0301", "\u200b", "\ufeff", "$", "_", "<|", "|>"]
 tricky_text = st.lists(st.sampled_from(tricky_alphabet), max_size=40).map("".join)
 
@@ -398,7 +399,8 @@ def test_saving_gpt2_reproduces_its_files(tok, tmp_path):
     enc_path, bpe_path = tok.save(tmp_path)
     import json
 
-    assert json.loads(enc_path.read_text(encoding="utf-8")) == json.loads((ASSETS / "encoder.json").read_text(encoding="utf-8"))
+    expected = json.loads((ASSETS / "encoder.json").read_text(encoding="utf-8"))
+    assert json.loads(enc_path.read_text(encoding="utf-8")) == expected
     ours = bpe_path.read_text(encoding="utf-8").splitlines()
     original = (ASSETS / "vocab.bpe").read_text(encoding="utf-8").splitlines()
     assert ours[1:] == [line for line in original[1:] if line]

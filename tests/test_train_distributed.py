@@ -8,9 +8,9 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_train import metrics, quick
 
 from gpt2fast.train import Trainer
-from test_train import metrics, quick
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is missing")
 

@@ -10,7 +10,7 @@ A key names everything a decision depends on: the GPU, the versions of torch, Tr
 version may change which path is fastest), the op, the dtypes and the shape bucket. ``python -m
 gpt2fast.ops.info`` lists the file's decisions. A damaged file, or one that is not ours, is ignored with a
 warning (it only orders paths that all work) and never overwritten; deleting the file makes ``auto`` measure
-again. Writes go through a temporary file and ``os.replace``, so a killed process leaves the old file whole.
+again. Writes are atomic (gpt2fast._io), so a killed process leaves the old file whole.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ import threading
 import warnings
 from pathlib import Path
 from typing import Dict, Optional
+
+from gpt2fast._io import write_atomic
 
 FORMAT = "gpt2fast-backend-decisions"
 VERSION = 1
@@ -93,10 +95,8 @@ def record(key: str, entry: dict) -> None:
         merged[key] = entry
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
-            partial.write_text(json.dumps({"format": FORMAT, "version": VERSION, "decisions": merged}, indent=1,
-                                          sort_keys=True) + "\n", encoding="utf-8")
-            os.replace(partial, file)
+            write_atomic(file, (json.dumps({"format": FORMAT, "version": VERSION, "decisions": merged}, indent=1,
+                                           sort_keys=True) + "\n").encode("utf-8"))
         except OSError as e:  # a read-only home, a full disk: the decision still holds for this process
             _unwritable.add(file)
             warnings.warn(f"gpt2fast: cannot keep backend decisions in {file} ({e}); they hold for this "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Iterable, List, Optional
+from typing import Iterable, List
 
 import torch
 

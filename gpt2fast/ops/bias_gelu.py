@@ -81,7 +81,7 @@ def _why_not_cuda(x: torch.Tensor, bias: torch.Tensor) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------------- launch config
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

@@ -148,8 +148,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     computed chunk by chunk during this call (when grad mode is on and either requires grad) and only scaled
     in the backward pass. ``chunk_size``: rows per chunk, default ``default_chunk_size``. ``backend``: where
     the per-chunk softmax runs, "cuda" or "triton" kernels or plain "torch" (the matmuls are torch either
-    way); "auto" as in ``cross_entropy``. Under ``torch.autocast``, hidden and weight are first cast to the autocast dtype,
-    as ``F.linear`` would cast them.
+    way); "auto" as in ``cross_entropy``. Under ``torch.autocast``, hidden and weight are first cast to the
+    autocast dtype, as ``F.linear`` would cast them.
     """
     if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)

@@ -57,8 +57,9 @@ def torch_facts() -> List[Tuple[str, str]]:
 
 def triton_facts() -> Tuple[str, Optional[str]]:
     """(description, why Triton kernels cannot run here or None)."""
-    from gpt2fast.ops import _dispatch
     import torch
+
+    from gpt2fast.ops import _dispatch
 
     err = _dispatch.triton_import_error()
     if err:
@@ -153,6 +154,7 @@ def _cuda_note(op: str) -> str:
 
 def _triton_note() -> str:
     import torch
+
     from gpt2fast.ops import _dispatch
 
     if not torch.cuda.is_available() and _dispatch.triton_interpreting():

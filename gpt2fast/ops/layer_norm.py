@@ -126,7 +126,7 @@ def _num_warps(block: int) -> int:
     return 32 if block >= 16384 else 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
