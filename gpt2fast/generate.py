@@ -8,16 +8,67 @@ tokenizer is the folder's encoder.json + vocab.bpe when present, else GPT-2's.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
 
+from gpt2fast.errors import ConfigError
 
-def pick_device(name: str) -> torch.device:
+
+def pick_device(name: str, flag: str = "--device") -> torch.device:
+    """"auto" (the GPU if there is one), "cpu", "cuda" or "cuda:N"; a device this machine lacks is a
+    ConfigError that says what is there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{flag} {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag} {name}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                              f"use {flag} cpu, or auto to take a GPU when there is one")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{flag} {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                              f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise ConfigError(f"{flag} {name}: only cpu and cuda devices are supported")
+    return device
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+    return parse
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
+def _temperature(text: str) -> float:
+    value = _number(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 is greedy), got {text}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
 
 
 def load_tokenizer(checkpoint: Path):
@@ -54,10 +105,10 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="folder with config.json and model.safetensors")
     parser.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    parser.add_argument("--top-k", type=int, default=200)
-    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--max-new-tokens", type=_at_least(1), default=200)
+    parser.add_argument("--temperature", type=_temperature, default=0.8, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=_at_least(1), default=200)
+    parser.add_argument("--top-p", type=_top_p, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1...")
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
@@ -67,7 +118,8 @@ def main(argv=None) -> int:
 
     checkpoint = Path(args.checkpoint)
     try:
-        model = GPT2.from_pretrained(checkpoint, backend=args.backend).to(pick_device(args.device)).eval()
+        device = pick_device(args.device)
+        model = GPT2.from_pretrained(checkpoint, backend=args.backend).to(device).eval()
         tokenizer = load_tokenizer(checkpoint)
         sys.stdout.write(args.prompt)
         stream_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,

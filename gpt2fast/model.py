@@ -148,13 +148,21 @@ class Block(nn.Module):
         self.mlp = MLP(config, backend)
 
     def forward(self, h, pending=None, cache=None, layer: int = 0):
-        """Takes the stream as ``h + pending`` and returns it the same way (the MLP's output pending)."""
-        if pending is None:
+        """The residual stream arrives as ``h + pending`` and leaves the same way.
+
+        ``pending`` is the previous block's MLP output, not yet added to the stream: the add is done by this
+        block's first LayerNorm, fused (``ln_1(pending, residual=h)`` returns LN(h + pending) and the new
+        h = h + pending in one pass). In nanoGPT's spelling the block is
+            h = h + attn(ln_1(h));  h = h + mlp(ln_2(h))
+        and here each ``h + ...`` happens inside the LayerNorm after it, so this block hands its MLP output on
+        as the next one's ``pending`` (the model's final ln_f adds the last one)."""
+        if pending is None:  # the first block: the stream is the embeddings alone
             x = self.ln_1(h)
         else:
-            x, h = self.ln_1(pending, residual=h)
-        x, h = self.ln_2(self.attn(x, cache, layer), residual=h)
-        return h, self.mlp(x)
+            x, h = self.ln_1(pending, residual=h)  # h += pending (the last block's MLP), x = LN(h)
+        x, h = self.ln_2(self.attn(x, cache, layer), residual=h)  # h += attn(...), x = LN(h)
+        pending = self.mlp(x)  # added to h by the next block's ln_1 (or by ln_f)
+        return h, pending
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -191,15 +199,6 @@ class GPT2(nn.Module):
         with torch.no_grad():  # padding rows are never looked up nor predicted
             self.transformer.wte.weight[self.config.vocab_size:].zero_()
 
-    def set_backend(self, backend: str) -> GPT2:
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend={backend!r} is not one of {ops.BACKENDS}")
-        self.backend = backend
-        for m in self.modules():
-            if hasattr(m, "backend"):
-                m.backend = backend
-        return self
-
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters as GPT-2 counts them: the tied embedding once, without its padding rows; with
         ``non_embedding`` the token and position embeddings are left out (the N of scaling laws)."""
@@ -226,10 +225,10 @@ class GPT2(nn.Module):
                 h, pending = checkpoint(block, h, pending, use_reentrant=False)
             else:
                 h, pending = block(h, pending, cache, i)
-        x, _ = self.transformer.ln_f(pending, residual=h)
+        x, _ = self.transformer.ln_f(pending, residual=h)  # the last block's MLP output joins the stream here
         return x
 
-    def forward(self, idx, targets=None, *, return_logits: Optional[bool] = None, ignore_index: int = -100):
+    def forward(self, idx, targets=None, *, return_logits: bool = False, ignore_index: int = -100):
         """Returns (logits, loss). logits are (B, T, vocab_size), padding columns removed; with targets the
         loss comes from ``ops.linear_cross_entropy``, which never materialises the logits, and logits are
         None unless ``return_logits=True``."""
@@ -283,12 +282,14 @@ class GPT2(nn.Module):
                 if eot_token is not None and bool(done.all()):
                     return
                 context = torch.cat([context, nxt[:, None]], dim=1)[:, -window:]
-                if cache.length >= window:  # context full: slide the window and refill the cache
-                    context = context[:, -window // 2:]
-                    cache = KVCache(self, idx.shape[0], idx.device)
-                    logits = self._trunk_logits(context, cache)
-                else:
+                if cache is not None and cache.length < window:
                     logits = self._trunk_logits(nxt[:, None], cache)
+                else:
+                    # The context is full. The usual rule (nanoGPT's, Hugging Face's) conditions every token on
+                    # the last block_size tokens, and with learned absolute positions a cached key cannot move
+                    # to another position: so from here on each step runs the whole window again, uncached.
+                    cache = None
+                    logits = self.lm_head(self._trunk(context)[:, -1]).float()[:, :self.config.vocab_size]
         finally:
             self.train(was_training)
 

@@ -27,7 +27,13 @@ def read_input(text: str | None, file: str | None) -> str:
     if text is not None and file is not None:
         raise SystemExit("give the text either as an argument or with --file, not both")
     if file is not None:
-        return Path(file).read_text(encoding="utf-8")
+        path = Path(file)
+        if path.is_dir():
+            raise SystemExit(f"error: --file {file} is a folder; give a text file (or the text itself)")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"error: --file {file} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if text is not None:
         return text
     return sys.stdin.read()
@@ -53,7 +59,18 @@ def cmd_decode(args) -> int:
     return 0
 
 
+def _writable_folder(out: str) -> None:
+    """Checked before training, so a bad --out costs nothing."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"error: --out {out} is a file; give a folder for encoder.json and vocab.bpe")
+    parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise SystemExit(f"error: --out {out}: {parent} is not writable")
+
+
 def cmd_train(args) -> int:
+    _writable_folder(args.out)
     texts = list(iter_documents(args.inputs))
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     start = time.perf_counter()
@@ -95,7 +112,7 @@ def cmd_bench(args) -> int:
     texts = list(iter_documents(inputs))
     joined = "".join(texts)
     n_bytes = len(joined.encode("utf-8"))
-    threads = args.threads or os.cpu_count() or 1
+    threads = args.threads if args.threads is not None else os.cpu_count() or 1
     tok = load_vocab(args.vocab)
     rows = [("gpt2fast encode_ordinary (1 thread)", _best_seconds(lambda: tok.encode_ordinary(joined), args.repeat)),
             (f"gpt2fast encode_ordinary_batch ({threads} threads)",
@@ -110,6 +127,18 @@ def cmd_bench(args) -> int:
     for name, seconds in rows:
         print(f"  {name:<45} {n_bytes / seconds / 1e6:8.1f} MB/s")
     return 0
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,14 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, required=True, help="tokens in all: 256 bytes + merges + specials")
     p.add_argument("--out", required=True, help="folder for encoder.json and vocab.bpe")
     p.add_argument("--special", nargs="*", default=["<|endoftext|>"], help="special tokens (default: <|endoftext|>)")
-    p.add_argument("--threads", type=int, default=None, help="threads for counting (default: all cores)")
+    p.add_argument("--threads", type=_at_least(1), default=None, help="threads for counting (default: all cores)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("bench", help="measure encoding throughput (beside tiktoken when installed)")
     p.add_argument("inputs", nargs="*", help="files or folders (default: the corpus shipped in the package)")
     p.add_argument("--vocab", help=vocab_help)
-    p.add_argument("--threads", type=int, default=None, help="threads for the batch runs (default: all cores)")
-    p.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best is reported")
+    p.add_argument("--threads", type=_at_least(1), default=None,
+                   help="threads for the batch runs (default: all cores)")
+    p.add_argument("--repeat", type=_at_least(1), default=3, help="runs per measurement; the best is reported")
     p.set_defaults(run=cmd_bench)
     return parser
 

@@ -235,6 +235,18 @@ def test_generation_past_the_context_keeps_going():
     assert out.shape == (1, 50)
 
 
+@pytest.mark.parametrize("prompt_len", [5, 16, 23], ids=["short-prompt", "full-prompt", "prompt-past-context"])
+def test_generation_past_the_context_follows_the_last_block_size_tokens(prompt_len):
+    """Past block_size, each token is conditioned on exactly the last block_size tokens (nanoGPT's and Hugging
+    Face's rule): greedy output equals recomputing the cropped window at every step, token for token."""
+    torch.manual_seed(1)
+    model = GPT2(tiny_config(block_size=16), backend="torch").eval()
+    prompt = torch.randint(0, 1000, (2, prompt_len))
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, 30, temperature=0, eot_token=None),
+                           _greedy_without_cache(model, prompt, 30))
+
+
 def test_sampling_is_reproducible_and_filters_work():
     torch.manual_seed(0)
     model = GPT2(tiny_config(), backend="torch").eval()

@@ -326,6 +326,47 @@ def test_malformed_tiktoken_files_are_clear_errors(tmp_path):
             Tokenizer.from_tiktoken(_write(tmp_path / name, content))
 
 
+@pytest.mark.parametrize("where,damage", [("encoder.json", b"\xff\xfe"), ("vocab.bpe", b"\xff"),
+                                          ("vocab.bpe", b"\x00"), ("encoder.json", b"\\\xff")],
+                         ids=["json-invalid-utf8", "bpe-invalid-utf8", "bpe-nul", "json-escaped-byte"])
+def test_damaged_bytes_in_a_vocabulary_are_a_vocabulary_error(tmp_path, where, damage):
+    """Invalid UTF-8 or a NUL byte in a vocabulary file: a VocabularyError that names both files and shows
+    the damaged bytes escaped (not a bare UnicodeDecodeError, not a message cut short at the NUL)."""
+    files = {name: (ASSETS / name).read_bytes() for name in ("encoder.json", "vocab.bpe")}
+    key = b'"\\u00ac": 10' if where == "encoder.json" else b"al ly"
+    at = files[where].index(key) + 3
+    files[where] = files[where][:at] + damage + files[where][at:]
+    enc = _write(tmp_path / "encoder.json", files["encoder.json"])
+    bpe = _write(tmp_path / "vocab.bpe", files["vocab.bpe"])
+    with pytest.raises(VocabularyError) as err:
+        Tokenizer.from_files(enc, bpe)
+    message = str(err.value)
+    assert str(enc) in message and str(bpe) in message
+    if where == "vocab.bpe":
+        assert f"\\x{damage[0]:02x}" in message and "line 199" in message, message
+    else:
+        assert "malformed at byte" in message or "gives id" in message, message
+
+
+def test_ids_too_large_for_any_integer_are_reported_as_written(tok):
+    with pytest.raises(VocabularyError, match=r"token id 18446744073709551616 at position 1 is not in the vocabulary"):
+        tok.decode([1, 2**64])
+    with pytest.raises(VocabularyError, match=r"token id -9223372036854775809 at position 0"):
+        tok.decode([-(2**63) - 1])
+
+
+@pytest.mark.parametrize("bad", [1.5, "2", True])
+def test_num_threads_of_the_wrong_type_is_a_type_error(tok, bad):
+    with pytest.raises(TypeError, match=r"num_threads must be an int of at least 1 \(or None for all cores\), got"):
+        tok.encode_ordinary_batch(["hi"], num_threads=bad)
+    with pytest.raises(TypeError, match=r"num_threads must be an int"):
+        Tokenizer.train(["hi there"], 260, num_threads=bad)
+
+
+def test_huge_num_threads_means_as_many_as_useful(tok):
+    assert tok.encode_ordinary_batch(["hi", "there"], num_threads=2**70) == [[5303], [8117]]
+
+
 def test_missing_files_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         Tokenizer.from_files(tmp_path / "nope.json", ASSETS / "vocab.bpe")
@@ -385,6 +426,29 @@ def test_trained_vocabulary_encodes_saves_and_loads(tmp_path, small_documents):
     assert again.encode_ordinary(text) == ids
     assert again.encode(f"a{EOT}b", allowed_special="all") == tok.encode(f"a{EOT}b", allowed_special="all")
     assert not list(tmp_path.joinpath("vocab").glob(".*tmp"))  # no temporary files left behind
+
+
+def test_vocabulary_with_very_long_tokens_encodes_like_tiktoken(tmp_path, tiktoken_gpt2):
+    """The pair table of a vocabulary whose tokens are thousands of bytes long (trained on one long run of a
+    letter) is built in linear time (a trie walk, not a hash of both sides of every split): the same tokens
+    as tiktoken's own merge rule over the same ranks, straight after training and after save + from_files."""
+    tiktoken = pytest.importorskip("tiktoken")
+    tok = Tokenizer.train(["a" * 6000 + " " + "ab" * 3000], 290)
+    ordinary = tok._core.ordinary_tokens()
+    assert max(len(t) for t in ordinary) >= 2048
+    ranks = {t: r for r, t in enumerate(ordinary)}
+    peer = tiktoken.Encoding("long-tokens", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT: len(ranks)})
+    enc_path, bpe_path = tok.save(tmp_path / "vocab")
+    again = Tokenizer.from_files(enc_path, bpe_path)
+    rng = random.Random(7)
+    texts = ["a" * n for n in (1, 2, 3, 1000, 2047, 2048, 2049, 6000)]
+    texts += ["".join(rng.choice("ab") for _ in range(rng.randint(1, 3000))) for _ in range(5)]
+    texts += ["ab" * rng.randint(1, 3000) + " " + "a" * rng.randint(1, 6000) for _ in range(5)]
+    for text in texts:
+        expected = peer.encode_ordinary(text)
+        assert tok.encode_ordinary(text) == expected
+        assert again.encode_ordinary(text) == expected
 
 
 def test_special_tokens_are_never_learned():

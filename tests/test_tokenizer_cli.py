@@ -68,3 +68,26 @@ def test_bench_reports_throughput(tmp_path, small_documents, capsys):
     assert main(["bench", str(tmp_path / "t.txt"), "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert "gpt2fast encode_ordinary (1 thread)" in out and "MB/s" in out
+
+
+def test_bad_file_and_out_arguments_are_clear_errors_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"--file .* is a folder"):
+        main(["encode", "--file", str(tmp_path)])
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes(b"caf\xe9")
+    with pytest.raises(SystemExit, match=r"--file .*latin1.txt is not UTF-8 text \(byte 3"):
+        main(["encode", "--file", str(not_utf8)])
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    docs = tmp_path / "docs.txt"
+    docs.write_text("some text to train on " * 50)
+    with pytest.raises(SystemExit, match=r"--out .*taken is a file"):
+        main(["train", str(docs), "--vocab-size", "300", "--out", str(a_file)])
+
+
+@pytest.mark.parametrize("argv", [["bench", "--repeat", "0"], ["bench", "--threads", "0"],
+                                  ["train", "x", "--vocab-size", "300", "--out", "o", "--threads", "0"]])
+def test_counts_below_one_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "must be an integer >= 1" in capsys.readouterr().err

@@ -99,8 +99,9 @@ std::uint64_t next_batch_id() {
   return ++counter;
 }
 
-// Token ids from any iterable of ints (list, tuple, numpy array, range...).
-std::vector<long long> ids_of(const py::handle& obj) {
+// Token ids from any iterable of ints (list, tuple, numpy array, range...). An id too large for a C++ integer is
+// out of every vocabulary: it is reported as Python wrote it, with the vocabulary's range.
+std::vector<long long> ids_of(const py::handle& obj, std::size_t n_vocab) {
   std::vector<long long> ids;
   PyObject* seq = PySequence_Fast(obj.ptr(), "token ids must be an iterable of ints");
   if (seq == nullptr) throw py::error_already_set();
@@ -117,9 +118,16 @@ std::vector<long long> ids_of(const py::handle& obj) {
                            std::string(py::repr(item)) + ", not an int");
     }
     int overflow = 0;
-    long long v = PyLong_AsLongLongAndOverflow(index, &overflow);
+    const long long v = PyLong_AsLongLongAndOverflow(index, &overflow);
+    if (overflow != 0) {
+      const std::string written = py::str(py::handle(index));
+      Py_DECREF(index);
+      Py_DECREF(seq);
+      throw InputError("token id " + written + " at position " + std::to_string(i) +
+                       " is not in the vocabulary (valid ids: 0.." + std::to_string(n_vocab - 1) +
+                       "); were these ids made by another tokenizer?");
+    }
     Py_DECREF(index);
-    if (overflow != 0) v = overflow > 0 ? (1LL << 62) : -(1LL << 62);
     ids[static_cast<std::size_t>(i)] = v;
   }
   Py_DECREF(seq);
@@ -129,11 +137,17 @@ std::vector<long long> ids_of(const py::handle& obj) {
 unsigned resolve_threads(py::object num_threads, std::size_t work_items) {
   unsigned n = std::max(1u, std::thread::hardware_concurrency());
   if (!num_threads.is_none()) {
-    const long long requested = num_threads.cast<long long>();
-    if (requested < 1)
+    // An int (not a bool, not a float): anything else is a TypeError that says what was given.
+    if (!PyLong_Check(num_threads.ptr()) || PyBool_Check(num_threads.ptr()))
+      throw py::type_error("num_threads must be an int of at least 1 (or None for all cores), got " +
+                           std::string(py::repr(num_threads)));
+    int overflow = 0;
+    const long long requested = PyLong_AsLongLongAndOverflow(num_threads.ptr(), &overflow);
+    if (overflow < 0 || (overflow == 0 && requested < 1))
       throw py::value_error("num_threads must be at least 1 (or None for all cores), got " +
-                            std::to_string(requested));
-    n = static_cast<unsigned>(std::min<long long>(requested, 1024));
+                            std::string(py::str(num_threads)));
+    // More threads than this only costs memory: asking for 2**70 means "as many as useful".
+    n = overflow > 0 ? 1024u : static_cast<unsigned>(std::min<long long>(requested, 1024));
   }
   return static_cast<unsigned>(std::max<std::size_t>(1, std::min<std::size_t>(n, work_items)));
 }
@@ -303,7 +317,7 @@ class CoreBPE {
   }
 
   py::bytes decode_bytes(const py::handle& ids_obj) const {
-    const std::vector<long long> ids = ids_of(ids_obj);
+    const std::vector<long long> ids = ids_of(ids_obj, encoder_->n_vocab());
     std::string out;
     {
       py::gil_scoped_release nogil;

@@ -22,6 +22,76 @@ constexpr std::size_t kMaxCachedPiece = 64;
 constexpr std::size_t kCacheInitialSlots = 1u << 12;
 constexpr std::size_t kCacheMaxSlots = 1u << 16;
 
+// The tokens in a byte trie, forwards or backwards: walking one token down it meets, in one pass, every prefix
+// (or suffix) of it that is itself a token. That is how the pair table is built in time linear in the
+// vocabulary's bytes; hashing both sides of every split point instead is quadratic in the longest token, and a
+// vocabulary trained on a million identical letters has tokens of hundreds of thousands of bytes.
+class TokenTrie {
+ public:
+  TokenTrie(const std::vector<std::string>& tokens, bool backwards) : backwards_(backwards) {
+    std::size_t bytes = 0;
+    for (const std::string& t : tokens) bytes += t.size();
+    nodes_.reserve(std::min<std::size_t>(bytes, tokens.size() * 16) + 1);
+    nodes_.push_back(Node{});  // the root: the empty string
+    for (Rank r = 0; r < tokens.size(); ++r) {
+      const std::string& t = tokens[r];
+      std::uint32_t node = 0;
+      for (std::size_t i = 0; i < t.size(); ++i) {
+        const unsigned char b = byte_at(t, i);
+        std::uint32_t child = step(node, b);
+        if (child == kNone) {
+          child = static_cast<std::uint32_t>(nodes_.size());
+          nodes_.push_back(Node{});
+          if (nodes_[node].first_byte < 0) {
+            nodes_[node].first_byte = b;
+            nodes_[node].first_child = child;
+          } else {
+            others_.set(edge(node, b), child);
+          }
+        }
+        node = child;
+      }
+      nodes_[node].rank = r;
+    }
+  }
+
+  // ranks[k] = rank of the token that is t's first k bytes (last k when backwards), or kNoRank, k < |t|.
+  void proper_parts(std::string_view t, std::vector<Rank>& ranks) const {
+    ranks.assign(t.size(), kNoRank);
+    std::uint32_t node = 0;
+    for (std::size_t i = 0; i + 1 < t.size(); ++i) {
+      node = step(node, byte_at(t, i));
+      if (node == kNone) return;
+      ranks[i + 1] = nodes_[node].rank;
+    }
+  }
+
+ private:
+  static constexpr std::uint32_t kNone = U64Map::kMissing;
+  // Most nodes have one child (long tokens are chains), kept in the node itself: a walk down a chain then
+  // reads consecutive nodes instead of probing a hash table at random, which is what makes the walk fast.
+  struct Node {
+    Rank rank = kNoRank;           // the token spelled from the root to here, or kNoRank
+    std::int16_t first_byte = -1;  // the first child's byte, or -1 for a leaf
+    std::uint32_t first_child = kNone;
+  };
+  static std::uint64_t edge(std::uint32_t node, unsigned char byte) {
+    return (static_cast<std::uint64_t>(node) << 8) | byte;
+  }
+  unsigned char byte_at(std::string_view t, std::size_t i) const {
+    return static_cast<unsigned char>(backwards_ ? t[t.size() - 1 - i] : t[i]);
+  }
+  std::uint32_t step(std::uint32_t node, unsigned char b) const {
+    const Node& n = nodes_[node];
+    if (n.first_byte == b) return n.first_child;
+    return n.first_byte < 0 ? kNone : others_.get(edge(node, b));
+  }
+
+  bool backwards_;
+  std::vector<Node> nodes_;
+  U64Map others_;  // (node, byte) -> child, for every child but a node's first
+};
+
 std::string printable(std::string_view bytes) {
   std::string out;
   for (unsigned char c : bytes) {
@@ -166,16 +236,19 @@ Encoder::Encoder(std::vector<std::string> tokens, std::vector<SpecialToken> spec
     }
   }
 
-  std::size_t n_pairs = 0;
-  for (const std::string& t : tokens) n_pairs += t.size() > 1 ? t.size() - 1 : 0;
-  pair_ranks_.reserve(std::min<std::size_t>(n_pairs, tokens.size() * 3));
+  // (left, right) -> r for every split of token r into two tokens. A vocabulary made by merges has one such
+  // split per token at least, a few more on average.
+  pair_ranks_.reserve(tokens.size() * 3);
+  const TokenTrie prefixes(tokens, false), suffixes(tokens, true);
+  std::vector<Rank> lefts, rights;
   for (Rank r = 0; r < tokens.size(); ++r) {
     const std::string_view t = tokens[r];
+    if (t.size() < 2) continue;
+    prefixes.proper_parts(t, lefts);
+    suffixes.proper_parts(t, rights);
     for (std::size_t k = 1; k < t.size(); ++k) {
-      const Rank left = rank_of(t.substr(0, k));
-      if (left == kNoRank) continue;
-      const Rank right = rank_of(t.substr(k));
-      if (right != kNoRank) pair_ranks_.set(pair_key(left, right), r);
+      const Rank left = lefts[k], right = rights[t.size() - k];
+      if (left != kNoRank && right != kNoRank) pair_ranks_.set(pair_key(left, right), r);
     }
   }
 }

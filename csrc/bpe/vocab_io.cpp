@@ -1,6 +1,8 @@
 #include "vocab_io.h"
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <unordered_map>
 
 #include "trainer.h"
@@ -124,7 +126,13 @@ class EncoderJsonReader {
           append_utf8(out, cp);
           break;
         }
-        default: fail(std::string("unknown escape \\") + e);
+        default: {
+          char buf[80];
+          const auto b = static_cast<unsigned char>(e);
+          if (b >= 0x20 && b < 0x7F) std::snprintf(buf, sizeof buf, "unknown escape \\%c", b);
+          else std::snprintf(buf, sizeof buf, "unknown escape: a backslash before the byte 0x%02x", b);
+          fail(buf);
+        }
       }
     }
   }
@@ -154,8 +162,28 @@ const std::unordered_map<char32_t, unsigned char>& unicode_to_byte() {
   return map;
 }
 
+// Bytes of a vocabulary file quoted in an error message: at most 60 of them, valid UTF-8 kept as it is and
+// everything else (invalid UTF-8, control bytes, NUL) written as \xNN, so the message survives the trip into a
+// Python str whole and shows exactly what the file holds.
 std::string shorten(std::string_view s) {
-  return std::string(s.substr(0, 60)) + (s.size() > 60 ? "..." : "");
+  std::string out;
+  const std::size_t n = std::min<std::size_t>(s.size(), 60);
+  for (std::size_t i = 0; i < n;) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    const std::size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    bool valid = len > 0 && i + len <= s.size() && (len == 1 ? c >= 0x20 && c != 0x7F : c >= 0xC2 && c <= 0xF4);
+    for (std::size_t k = 1; valid && k < len; ++k) valid = (static_cast<unsigned char>(s[i + k]) & 0xC0) == 0x80;
+    if (valid) {
+      out.append(s.substr(i, len));
+      i += len;
+    } else {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+      ++i;
+    }
+  }
+  return out + (s.size() > 60 ? "..." : "");
 }
 
 }  // namespace
