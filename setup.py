@@ -3,7 +3,7 @@
 - gpt2fast._bpe (C++17, pybind11) always builds; it needs no torch and no GPU.
 - gpt2fast._cuda_ops builds ahead of time only when torch with CUDA and nvcc (of torch's CUDA major version) are
   present at build time (`pip install --no-build-isolation .`); otherwise it is compiled on first use on a GPU
-  machine (gpt2fast/ops/_cuda.py). GPT2FAST_NO_CUDA_BUILD=1 skips it; TORCH_CUDA_ARCH_LIST picks the
+  machine (gpt2fast/ops/_cuda_loader.py). GPT2FAST_NO_CUDA_BUILD=1 skips it; TORCH_CUDA_ARCH_LIST picks the
   architectures (default: the visible GPUs, else 7.0;8.0;9.0+PTX, with 7.5 for 7.0 where nvcc has dropped
   Volta); MAX_JOBS bounds the parallel compile jobs of both extensions (ninja for the CUDA one).
 - Every wheel carries the CUDA sources under gpt2fast/_csrc/, for that first-use compile.

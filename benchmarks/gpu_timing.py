@@ -3,7 +3,7 @@ figures against peaks.
 
     ms = time_cuda(lambda: op(x), warmup=10, iters=50)        # median milliseconds per call
     figures = report(benchmark, "ours", ms, bytes=4 * x.nbytes)  # GB/s and shares of peak into extra_info
-    record_figures("LayerNorm fwd", "ours", "ours (triton)", figures, suite="norm_gelu")  # into the summary
+    record_figures("LayerNorm fwd", "ours", "ours (triton)", figures, suite="layer_norm")  # into the summary
 
 Wall-clock timing of asynchronous launches measures the CPU, not the GPU, and so does a pair of CUDA events
 around one call whenever the call's Python path (argument checks, dispatch, autograd) takes longer than its
@@ -31,6 +31,9 @@ Every figure is set against five ceilings (``gpt2fast.hardware.peak_shares``): t
 peak, the V100, A100 and H100 peaks (so runs on different GPUs and the papers' figures line up), and a
 ceiling measured on the spot once per session (``measured_ceilings``): a bf16 matmul of 8192^3 for TFLOP/s,
 a 1 GiB device-to-device copy for GB/s.
+
+A path of ours that cannot run here is skipped with the reason (``require_backend``, ``first_call``), on
+``gpt2fast.ops.BackendUnavailable`` alone: any other exception from a path is a failure and shows as one.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ import torch
 from bench_results import SESSION, Figure, record
 
 from gpt2fast.hardware import GpuPeak, detect_gpu, peak_shares
+from gpt2fast.ops import BackendUnavailable
 
 L2_FLUSH_BYTES = 256 * 2**20
 CEILING_MATMUL_N = 8192  # bf16 (N x N) @ (N x N): large enough to run at the tensor cores' sustained rate
@@ -367,21 +371,20 @@ def require_backend(backend: str) -> None:
     at install time nor compiled on first use), saying why."""
     if backend != "cuda":
         return
-    from gpt2fast.ops._cuda import cuda_ops_status, load_cuda_ops
+    from gpt2fast.ops._cuda_loader import cuda_ops_status, load_cuda_ops
 
     if load_cuda_ops() is None:
         pytest.skip(f"ours (cuda): the CUDA C++ ops are not available: {cuda_ops_status().reason}")
 
 
 def first_call(backend: str, fn: Callable[[], object]):
-    """Call ``fn`` (our op on ``backend``) once and return its result; for backend="cuda", an op the CUDA
-    path does not cover (yet) raises, and the test is skipped with that message instead of failing."""
+    """Call ``fn`` (our op on ``backend``) once and return its result. Where that backend cannot run this op
+    here (a dtype or shape its kernels do not cover: ``BackendUnavailable``, which says why) the test is
+    skipped with the reason; any other exception propagates and fails the test."""
     try:
         return fn()
-    except (RuntimeError, ValueError, NotImplementedError) as e:
-        if backend != "cuda":
-            raise
-        pytest.skip(f"ours (cuda): backend='cuda' is not available for this op: {type(e).__name__}: {e}")
+    except BackendUnavailable as e:
+        pytest.skip(f"ours ({backend}): {e}")
 
 
 def run_benchmark(benchmark, fn: Callable[[], object], rounds: int = 20) -> None:
@@ -392,3 +395,39 @@ def run_benchmark(benchmark, fn: Callable[[], object], rounds: int = 20) -> None
         torch.cuda.synchronize()
 
     benchmark.pedantic(synced, setup=torch.cuda.synchronize, rounds=rounds, warmup_rounds=3, iterations=1)
+
+
+# ------------------------------------------------------------------------------- memory-bound op benchmarks
+# The LayerNorm and bias + GELU suites: each group holds ours (triton), ours (cuda), eager PyTorch and
+# torch.compile of the same PyTorch code, and a plain device copy of the same bytes (the practical ceiling).
+MEMORY_BOUND_IMPLS = [*OURS_BACKENDS, "torch", "compile", "copy"]
+MEMORY_BOUND_LABELS = {"triton": "ours (triton)", "cuda": "ours (cuda)", "torch": "PyTorch eager",
+                       "compile": "torch.compile"}
+
+
+def memory_bound_impl(impl: str, ours: Callable[[str], Callable], eager: Callable) -> Callable:
+    """The function under test: ``ours(backend)`` for our backends (skipping one that cannot run here),
+    torch.compile of ``eager``, or ``eager`` itself (also for "copy", which ``measure_memory_bound`` replaces
+    by a clone)."""
+    if impl in OURS_BACKENDS:
+        require_backend(impl)
+        return ours(impl)
+    return torch.compile(eager) if impl == "compile" else eager
+
+
+def measure_memory_bound(benchmark, group: str, impl: str, fn: Callable[[], object], nbytes: int, *,
+                         suite: str) -> None:
+    """Time ``fn`` (``impl`` of ``MEMORY_BOUND_IMPLS``), moving ``nbytes`` of DRAM traffic, into ``group``:
+    GB/s and shares of peak and of a copy of as many bytes; one summary row per ours x peer pair."""
+    benchmark.group = group
+    if impl == "copy":  # the same bytes through a plain clone: read half, write half
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+        fn = src.clone
+    else:
+        first_call(impl, fn)  # our path may not cover the op: skip, with the reason
+    ms = time_cuda(fn)
+    figures = report(benchmark, f"{group} [{impl}]", ms, bytes=nbytes, copy_bandwidth=copy_gb_per_s(nbytes))
+    if impl in MEMORY_BOUND_LABELS:  # the copy is the ceiling behind "share of copy bandwidth", not a peer
+        record_figures(group, "ours" if impl in OURS_BACKENDS else "peer", MEMORY_BOUND_LABELS[impl], figures,
+                       suite=suite)
+    run_benchmark(benchmark, fn)

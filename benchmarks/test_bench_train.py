@@ -4,7 +4,7 @@
     pytest benchmarks/test_bench_train.py --benchmark-only -s
 
 Micro-batch 32 x 1024, bf16 autocast, fused AdamW, one optimizer step per micro-batch. Reported: tokens/s,
-MFU against the GPU's dense bf16 peak (6 N + attention FLOPs per token, ``gpt2fast.train.flops_per_token``;
+MFU against the GPU's dense bf16 peak (6 N + attention FLOPs per token, ``gpt2fast.compute.model_flops_per_token``;
 also against the V100/A100/H100 peaks and a bf16 matmul measured on the spot), and peak memory; ours
 (eager and compiled) x the plain model (eager and compiled) are rows of the end-of-session summary, in
 tokens/s and in peak memory. Goal on an H100: >= 600K tokens/s (>= 52% MFU) with peak memory no higher than
@@ -19,9 +19,10 @@ import torch
 from bench_results import NOTES, Figure, record
 from gpu_timing import measured_ceilings, record_figures, report, time_cuda
 
+from gpt2fast.compute import model_flops_per_token
 from gpt2fast.model import GPT2, GPT2Config
 from gpt2fast.plain_gpt2 import PlainGPT2
-from gpt2fast.train import TrainConfig, flops_per_token, make_optimizer
+from gpt2fast.train import TrainConfig, make_optimizer
 
 # A mark, not a module-level skip: without a GPU the benchmarks are still collected (tools/gpu_session.sh
 # --dry-run lists them) and each one is skipped with the reason.
@@ -79,7 +80,7 @@ def test_training_step_tokens_per_second(benchmark, batches, impl):
     ms = time_cuda(step, warmup=2, iters=10, flush_l2=False)
     peak_gb = torch.cuda.max_memory_allocated() / 1e9
     tokens_per_s = BATCH * T / (ms / 1e3)
-    figures = report(benchmark, impl, ms, flops=flops_per_token(model) * BATCH * T)
+    figures = report(benchmark, impl, ms, flops=model_flops_per_token(config, seq=T) * BATCH * T)
     mfu = figures["shares"].get("detected")
     benchmark.extra_info.update(tokens_per_s=round(tokens_per_s), peak_memory_GB=round(peak_gb, 2), mfu=mfu)
     print(f"{impl}: {tokens_per_s:,.0f} tokens/s, MFU {mfu}, peak memory {peak_gb:.1f} GB")

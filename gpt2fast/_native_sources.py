@@ -12,8 +12,8 @@ BPE_SOURCES = [
 
 # The CUDA kernels (csrc/kernels/*.cu, pure CUDA C++) and their torch binding. Built by setup.py when torch
 # with CUDA and nvcc are present at install time, otherwise compiled on first use on a GPU machine
-# (gpt2fast/ops/_cuda.py). tools/compile_cuda_kernels.sh compiles every csrc/kernels/*.cu on machines without a
-# GPU; tests/test_ops_info.py checks that each of them is listed here.
+# (gpt2fast/ops/_cuda_loader.py). tools/compile_cuda_kernels.sh compiles every csrc/kernels/*.cu on machines
+# without a GPU; tests/test_ops_info.py checks that each of them is listed here.
 CUDA_EXTENSION = "gpt2fast._cuda_ops"
 CUDA_SOURCES = [
     "csrc/kernels/layer_norm.cu",

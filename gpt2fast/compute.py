@@ -10,10 +10,12 @@ Formulas (C = n_embd, L = n_layer, T = sequence length, V = vocabulary, N = para
   12*C^2 + 13*C (attention qkv + projection, MLP 4C + back, two LayerNorms, biases), final LayerNorm 2*C.
   Non-embedding N (the N of scaling laws) leaves out the token and position embeddings.
 * Training FLOPs per token, "6N": 6 FLOPs per parameter (2 forward, 4 backward), the paper-era rule.
-  "Exact" (the count the trainer uses for its MFU, ``gpt2fast.train.flops_per_token``):
+  "Exact" (``model_flops_per_token``: the count the trainer's and the training benchmark's MFU divide by):
   6 * (N_non_embedding + V*C) + 12 * L * C * T, i.e. 6 per matmul weight (the output head included, the
   position lookup, which is no matmul, left out) plus the attention scores and their weighted sum
   (QK^T and AV: 2 * 2 * T * C FLOPs per token per layer forward, x3 with the backward, causal masking ignored).
+  This is PaLM's 6N + 12*L*H*Q*T (H*Q = C) as nanoGPT's estimate_mfu counts it: N with the tied token
+  embedding (as the output head) and without the position table. T is the length trained on.
 * Time: FLOPs / (GPUs * peak * MFU); GPU-hours = FLOPs / (peak * MFU) / 3600; cost = GPU-hours * price.
   MFU defaults to ``DEFAULT_MFU`` = 0.4, a typical achieved fraction of the dense bf16 tensor-core peak;
   ``--mfu-from results.json`` takes instead our best training-step MFU from a benchmark results file
@@ -34,14 +36,15 @@ Formulas (C = n_embd, L = n_layer, T = sequence length, V = vocabulary, N = para
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from gpt2fast.hardware import PLANNING_GPUS
 
-# Dense 16-bit tensor-core peak FLOP/s per GPU (no sparsity): V100 SXM2 fp16, A100 bf16, H100/H200 SXM bf16,
-# from the one peak table in gpt2fast.hardware. gpt2fast.train imports this to turn its throughput into MFU.
+# Dense 16-bit tensor-core peak FLOP/s per GPU the planner knows (no sparsity): V100 SXM2 fp16, A100 bf16,
+# H100/H200 SXM bf16, from the one peak table in gpt2fast.hardware (the trainer looks its GPU up there by name).
 GPU_PEAK_FLOPS = {key: gpu.bf16 * 1e12 for key, gpu in PLANNING_GPUS.items()}
 # Memory per GPU in bytes (V100 32 GB, A100 80 GB, H100 80 GB, H200 141 GB), counted as 10^9 bytes.
 GPU_MEMORY_BYTES = {key: gpu.memory_gb * 1e9 for key, gpu in PLANNING_GPUS.items()}
@@ -114,6 +117,16 @@ def flops_per_token(shape: Shape) -> dict:
     exact = (6 * (shape.num_params(non_embedding=True) + shape.vocab_size * shape.n_embd)
              + 12 * shape.n_layer * shape.n_embd * shape.seq)
     return {"6N": 6 * n, "exact": exact}
+
+
+def model_flops_per_token(config, seq: Optional[int] = None) -> int:
+    """The exact training FLOPs per token of a model (a GPT2Config or its dict) trained on sequences of ``seq``
+    tokens (default: its context length): what an MFU divides by. The attention term grows with the sequence
+    trained on, not with the context the model could take."""
+    shape = Shape.from_config(config)
+    if seq is not None:
+        shape = dataclasses.replace(shape, seq=seq)
+    return flops_per_token(shape)["exact"]
 
 
 # ----------------------------------------------------------------------------------------- memory

@@ -42,12 +42,15 @@ H200_SXM = GpuPeak("H200", gb_per_s=4800, bf16=989, tf32=494.5, fp32=67, memory_
 # Every GPU figure is also given as a share of these, keyed by the short name used in reports.
 REFERENCE_GPUS: Dict[str, GpuPeak] = {"V100": V100_SXM2, "A100": A100_SXM_80GB, "H100": H100_SXM}
 
-# The GPUs `python -m gpt2fast.compute --gpu` plans for (and whose peak the trainer's MFU uses).
+# The GPUs `python -m gpt2fast.compute --gpu` plans for. The trainer and the benchmarks look the GPU they run on
+# up in DEVICE_NAMES instead, so that a PCIe or NVL part is not measured against the SXM peak.
 PLANNING_GPUS: Dict[str, GpuPeak] = {"H100": H100_SXM, "H200": H200_SXM, "A100": A100_SXM_80GB, "V100": V100_SXM2}
 
 # Matched in order, case-insensitively, as substrings of torch.cuda.get_device_name(): the specific variants
 # before the generic name ("NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA A100-SXM4-80GB" the 80 GB one).
+# The NVL and PCIe parts run at lower clocks and power than the SXM ones, hence their lower tensor-core peaks.
 DEVICE_NAMES = (
+    ("H200 NVL", GpuPeak("H200 NVL", gb_per_s=4800, bf16=835.5, tf32=417.5, fp32=60, memory_gb=141)),
     ("H200", H200_SXM),
     ("H100 PCIe", GpuPeak("H100 PCIe", gb_per_s=2000, bf16=756, tf32=378, fp32=51, memory_gb=80)),
     ("H100 NVL", GpuPeak("H100 NVL", gb_per_s=3900, bf16=835, tf32=417.5, fp32=60, memory_gb=94)),

@@ -7,89 +7,112 @@ corpus's unigram entropy, save a checkpoint and the loss curve under ./out/, and
     python -m gpt2fast.train                                   # the default run
     python -m gpt2fast.train --preset=gpt2 --data=DIR          # GPT-2 124M on prepared shards
     python -m gpt2fast.train --config=run.json --lr=3e-4       # a config file, then overrides
-    python -m gpt2fast.train --resume                          # continue the run in --out_dir exactly
-    python -m gpt2fast.train --help                            # every key with its default
+    python -m gpt2fast.train --resume                          # continue the run in --out-dir exactly
+    python -m gpt2fast.train --help                            # every setting with its default
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import os
 import shutil
 import sys
 import time
+import typing
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 
+from gpt2fast._io import atomic_path, fsync_dir
+from gpt2fast.compute import model_flops_per_token
+from gpt2fast.devices import pick_device
+from gpt2fast.errors import ConfigError, InputError
+from gpt2fast.hardware import detect_gpu
+from gpt2fast.ops._dispatch import BackendUnavailable
+
 
 # ------------------------------------------------------------------------------------------ config
+def _setting(default, help: str):
+    """A TrainConfig field with the line --help shows for it: the command line is built from these fields."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # data
-    data: str = ""  # prepared shards (python -m gpt2fast.data prepare); empty: prepare the packaged corpus
-    out_dir: str = "out"  # checkpoints, metrics.jsonl, loss.png
+    data: str = _setting("", "prepared shards (python -m gpt2fast.data prepare); empty: prepare the packaged corpus")
+    out_dir: str = _setting("out", "checkpoints, metrics.jsonl, loss.png")
     # model
-    model: str = "gpt2-tiny"  # a GPT2Config preset: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-mini, gpt2-tiny
-    init_from: str = ""  # a Hugging Face GPT-2 folder to start from instead of random weights
-    block_size: int = 128  # context length in tokens
-    dropout: float = 0.0
-    backend: str = "auto"  # kernels: auto, cuda, triton, torch
-    gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the model
+    model: str = _setting("gpt2-tiny", "a GPT2Config preset: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-mini, "
+                                       "gpt2-tiny")
+    init_from: str = _setting("", "a Hugging Face GPT-2 folder to start from instead of random weights")
+    block_size: int = _setting(128, "context length in tokens")
+    dropout: float = _setting(0.0, "dropout probability, in [0, 1)")
+    backend: str = _setting("auto", "kernels: auto, cuda, triton, torch")
+    gradient_checkpointing: bool = _setting(False, "recompute each block's activations in the backward pass: "
+                                                   "less memory, more compute")
+    compile: bool = _setting(False, "torch.compile the model")
     # optimisation
-    batch_size: int = 8  # sequences per micro-batch (per process)
-    tokens_per_step: int = 0  # tokens per optimizer step, all processes; 0: one micro-batch (GPT-2: 524288)
-    max_steps: int = 300
-    max_minutes: float = 4.5  # stop (with a checkpoint) after this much training time; 0: no limit
-    lr: float = 1.5e-3  # peak learning rate
-    min_lr: float = 1.5e-4  # reached at max_steps by the cosine decay
-    warmup_steps: int = 30
-    weight_decay: float = 0.1  # on matrices only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    optimizer: str = "torch"  # torch: torch.optim.AdamW (fused on CUDA); gpt2fast: ours, one CUDA launch per group
-    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
-    dtype: str = "auto"  # auto: bf16 on GPUs that have it, fp16 (loss scaling) on older GPUs, fp32 on the CPU
-    device: str = "auto"  # auto, cpu, cuda, cuda:1...
-    seed: int = 1337
+    batch_size: int = _setting(8, "sequences per micro-batch (per process)")
+    tokens_per_step: int = _setting(0, "tokens per optimizer step, all processes; 0: one micro-batch "
+                                       "(GPT-2: 524288)")
+    max_steps: int = _setting(300, "optimizer steps to train for")
+    max_minutes: float = _setting(4.5, "stop (with a checkpoint) after this much training time; 0: no limit")
+    lr: float = _setting(1.5e-3, "peak learning rate")
+    min_lr: float = _setting(1.5e-4, "reached at max_steps by the cosine decay")
+    warmup_steps: int = _setting(30, "steps of linear warmup to lr")
+    weight_decay: float = _setting(0.1, "AdamW weight decay, on matrices only")
+    beta1: float = _setting(0.9, "AdamW beta1")
+    beta2: float = _setting(0.95, "AdamW beta2")
+    optimizer: str = _setting("torch", "torch: torch.optim.AdamW (fused on CUDA); gpt2fast: ours, one CUDA launch "
+                                       "per group")
+    grad_clip: float = _setting(1.0, "max global gradient norm; 0: no clipping")
+    dtype: str = _setting("auto", "auto: bf16 on GPUs that have it, fp16 (loss scaling) on older GPUs, fp32 on "
+                                  "the CPU; or float32, bfloat16, float16")
+    device: str = _setting("auto", "auto, cpu, cuda, cuda:1...")
+    seed: int = _setting(1337, "seeds the initial weights, the batch order and the samples")
     # evaluation, logging, checkpoints
-    tensorboard: bool = False  # also write the metrics for TensorBoard to out_dir/tensorboard (pip install tensorboard)
-    eval_interval: int = 50  # steps between validation runs
-    eval_batches: int = 8  # micro-batches per validation run
-    sample_interval: int = 0  # steps between samples printed while training; 0: only at the end
-    sample_tokens: int = 60
-    checkpoint_interval: int = 200
-    keep_checkpoints: int = 2  # the last K checkpoints are kept
-    resume: bool = False  # continue from the latest checkpoint in out_dir
-    max_bad_steps: int = 5  # consecutive non-finite losses before giving up
-    # several processes (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK): DDP, or with fsdp=true FSDP, which shards
-    # parameters, gradients and optimizer state across the processes (for models that don't fit one GPU)
-    fsdp: bool = False
+    tensorboard: bool = _setting(False, "also write the metrics for TensorBoard to out_dir/tensorboard "
+                                        "(pip install tensorboard)")
+    eval_interval: int = _setting(50, "steps between validation runs")
+    eval_batches: int = _setting(8, "micro-batches per validation run")
+    sample_interval: int = _setting(0, "steps between samples printed while training; 0: only at the end")
+    sample_tokens: int = _setting(60, "tokens per sample")
+    checkpoint_interval: int = _setting(200, "steps between checkpoints (one is also written at the end)")
+    keep_checkpoints: int = _setting(2, "the last K checkpoints are kept")
+    resume: bool = _setting(False, "continue from the latest checkpoint in out_dir")
+    max_bad_steps: int = _setting(5, "consecutive non-finite losses before giving up")
+    # several processes (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK): DDP, or with fsdp=true FSDP
+    fsdp: bool = _setting(False, "with several processes: FSDP, which shards parameters, gradients and optimizer "
+                                 "state across them (for models that don't fit one GPU), instead of DDP")
 
     def __post_init__(self):
         positive = ("block_size", "batch_size", "max_steps", "eval_interval", "eval_batches", "checkpoint_interval",
                     "keep_checkpoints", "max_bad_steps")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("tokens_per_step", "warmup_steps", "sample_interval", "sample_tokens", "seed"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+            raise ConfigError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if not 0 <= self.dropout < 1:  # checked here, so that the model's own check never has to name a setting
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+            raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.backend not in ("auto", "cuda", "triton", "torch"):
-            raise ValueError(f"--backend must be auto, cuda, triton or torch, got {self.backend!r}")
+            raise ConfigError(f"--backend must be auto, cuda, triton or torch, got {self.backend!r}")
         if self.optimizer not in ("torch", "gpt2fast"):
-            raise ValueError(f"--optimizer must be torch (torch.optim.AdamW, fused on CUDA) or gpt2fast "
-                             f"(gpt2fast.ops.adamw.AdamW: one CUDA launch per group), got {self.optimizer!r}")
+            raise ConfigError(f"--optimizer must be torch (torch.optim.AdamW, fused on CUDA) or gpt2fast "
+                              f"(gpt2fast.ops.adamw.AdamW: one CUDA launch per group), got {self.optimizer!r}")
 
 
 PRESETS = {
@@ -104,131 +127,179 @@ PRESETS = {
 }
 
 
-def _parse_value(name: str, text: str, kind):
-    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(kind, kind) if isinstance(kind, str) else kind
-    if kind is bool:
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{name} takes true or false, got {text!r}")
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"--{name} takes {'an integer' if kind is int else 'a number' if kind is float else 'text'},"
-                         f" got {text!r}") from None
+# ------------------------------------------------------------------------------------ command line
+def flag(name: str) -> str:
+    """A setting's flag as every command line of ours spells it: ``max_steps`` -> ``--max-steps``."""
+    return "--" + name.replace("_", "-")
 
 
-def _field_kinds() -> dict:
-    return {f.name: f.type for f in fields(TrainConfig)}
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+# The one table of setting types: how a value is read from the command line, what an error calls the values it
+# takes, and the placeholder --help shows. A JSON config file's values are checked against the same types.
+_KINDS = {int: (int, "an integer", "N"), float: (float, "a number", "X"), str: (str, "text", "TEXT"),
+          bool: (_parse_bool, "true or false", "BOOL")}
+
+
+def setting_types() -> Dict[str, type]:
+    """Each TrainConfig setting's type, resolved from its annotation (a string under postponed annotations)."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def _reader(kind: type):
+    read, takes, _ = _KINDS[kind]
+
+    def convert(text: str):
+        try:
+            return read(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes {takes}, got {text!r}") from None
+
+    convert.__name__ = kind.__name__  # argparse names a type by it in its own messages
+    return convert
+
+
+def _shown(value) -> str:
+    """A default as it would be typed: true/false for booleans, quotes around text (so that '' shows)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of printing usage and exiting: parse_args is also called by
+    code (the sweeps, the tests), and main prints the message as one line."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per TrainConfig field, help and default from the field. Each setting also takes its older
+    spelling with underscores (``--max_steps``), as a flag of its own that --help leaves out, so that errors
+    echo the spelling the user typed."""
+    parser = _Parser(prog="python -m gpt2fast.train", description=__doc__,
+                     usage="python -m gpt2fast.train [--preset NAME] [--config FILE.json] [--SETTING VALUE ...]",
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     allow_abbrev=False,  # --max=3 is a typo to report, not --max-steps (or --max-minutes)
+                     exit_on_error=False)  # type errors come back as ArgumentError, worded in parse_args
+    parser.add_argument("--preset", metavar="NAME", default=argparse.SUPPRESS,
+                        help=f"applied first: {', '.join(sorted(PRESETS))} (default: default)")
+    parser.add_argument("--config", metavar="FILE.json", default=argparse.SUPPRESS,
+                        help="a JSON object of settings (their names with underscores), applied after the preset")
+    group = parser.add_argument_group(  # the formatter keeps this text as written, hence the line breaks
+        "settings", "--name=value or --name value, applied after the preset and the config file. A boolean alone\n"
+                    "means true (--compile). The older spelling with underscores (--max_steps=300) works too.")
+    defaults, types = TrainConfig(), setting_types()
+    for f in fields(TrainConfig):
+        kind = types[f.name]
+        bool_options = {"nargs": "?", "const": True} if kind is bool else {}
+        shown = f"{f.metadata['help']} (default: {_shown(getattr(defaults, f.name))})".replace("%", "%%")
+        spellings = [flag(f.name)] + (["--" + f.name] if "_" in f.name else [])
+        for spelling in spellings:
+            group.add_argument(spelling, dest=f.name, type=_reader(kind), metavar=_KINDS[kind][2],
+                               default=argparse.SUPPRESS, help=shown if spelling == spellings[0] else argparse.SUPPRESS,
+                               **bool_options)
+    return parser
+
+
+def help_text() -> str:
+    return build_parser().format_help()
+
+
+def _unknown_setting(name: str, source: str, known: List[str], shown=repr) -> ConfigError:
+    """'unknown setting' naming where it came from, with the known names that start like it or look like it."""
+    close = [k for k in known if name and k.startswith(name)] + difflib.get_close_matches(name, known, n=3)
+    close = list(dict.fromkeys(close))[:3]
+    hint = f"; did you mean {', '.join(shown(c) for c in close)}?" if close else "; see --help"
+    return ConfigError(f"unknown setting {name!r} in {source}{hint}")
 
 
 def _check_keys(source: str, keys) -> None:
-    known = _field_kinds()
+    """Refuse setting names that TrainConfig lacks (in a config file, a sweep's settings)."""
+    known = [f.name for f in fields(TrainConfig)]
     for key in keys:
         if key not in known:
-            import difflib
+            raise _unknown_setting(key, source, known, shown=lambda c: "--" + c)
 
-            close = difflib.get_close_matches(key, known, n=3)
-            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see --help"
-            raise ValueError(f"unknown setting {key!r} in {source}{hint}")
+
+def _refuse_extra(arg: str) -> ConfigError:
+    """The error for the first argument argparse did not take: a stray word or an unknown (or shortened) flag."""
+    if not arg.startswith("-"):
+        return ConfigError(f"unexpected argument {arg!r}: settings are written --key=value (see --help)")
+    name = arg.lstrip("-").partition("=")[0]
+    names = [f.name for f in fields(TrainConfig)] + ["preset", "config"]
+    if "_" not in name:  # suggest in the spelling the user chose
+        names = [n.replace("_", "-") for n in names]
+    return _unknown_setting(name, "the command line", names, shown=lambda c: "--" + c)
+
+
+# argparse's words for a flag given without its value, as our other messages put it
+_ARGPARSE_MESSAGES = {"expected one argument": "needs a value"}
+
+
+def _read_config_file(config_file: str) -> dict:
+    path = Path(config_file)
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: cannot be read ({e})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of settings")
+    _check_keys(str(path), loaded)
+    types, settings = setting_types(), {}
+    for key, value in loaded.items():
+        expected = types[key]
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ConfigError(f"{path}: {key} should be {expected.__name__}, got {value!r}")
+        settings[key] = value
+    return settings
 
 
 def parse_args(argv) -> TrainConfig:
-    """``--preset=NAME`` and ``--config=FILE.json`` first, then ``--key=value`` overrides, in that order."""
-    overrides, preset, config_file = {}, "default", None
-    kinds = _field_kinds()
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: settings are written --key=value (see --help)")
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq:
-            if kinds.get(key) in (bool, "bool") and (i + 1 >= len(args) or args[i + 1].startswith("--")):
-                value = "true"
-            elif i + 1 < len(args):
-                value = args[i + 1]
-                i += 1
-            else:
-                raise ValueError(f"--{key} needs a value")
-        i += 1
-        if key == "preset":
-            preset = value
-        elif key == "config":
-            config_file = value
-        else:
-            _check_keys("the command line", [key])
-            overrides[key] = _parse_value(key, value, kinds[key])
+    """``--preset NAME`` first, then ``--config FILE.json``, then the settings given, whatever their order."""
+    try:
+        given, extra = build_parser().parse_known_args(list(argv))
+    except argparse.ArgumentError as e:
+        if e.argument_name is None:
+            raise ConfigError(f"{e.message} (see --help)") from None
+        raise ConfigError(f"{e.argument_name} {_ARGPARSE_MESSAGES.get(e.message, e.message)}") from None
+    if extra:
+        raise _refuse_extra(extra[0])
+    overrides = vars(given)
+    preset = overrides.pop("preset", "default")
+    config_file = overrides.pop("config", None)
     if preset not in PRESETS:
-        raise ValueError(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)}")
     settings = dict(PRESETS[preset])
     if config_file:
-        path = Path(config_file)
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ValueError(f"--config {path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--config {path}: not valid JSON ({e})") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"--config {path}: expected a JSON object of settings")
-        _check_keys(str(path), loaded)
-        for key, value in loaded.items():
-            expected = kinds[key]
-            expected = {"int": int, "float": float, "bool": bool, "str": str}.get(expected, expected)
-            ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value, ok = float(value), True
-            if not ok:
-                raise ValueError(f"{path}: {key} should be {expected.__name__}, got {value!r}")
-            settings[key] = value
+        settings.update(_read_config_file(config_file))
     settings.update(overrides)
     return TrainConfig(**settings)
 
 
-def help_text() -> str:
-    lines = [__doc__.strip(), "", "settings (--key=value), with their defaults:"]
-    import inspect
-
-    source = inspect.getsource(TrainConfig).splitlines()
-    comments = {}
-    for line in source:
-        stripped = line.strip()
-        if ":" in stripped and "=" in stripped and not stripped.startswith(("#", "def", "@", "class")):
-            name = stripped.split(":")[0]
-            comments[name] = stripped.split("#", 1)[1].strip() if "#" in stripped else ""
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        lines.append(f"  --{f.name}={getattr(defaults, f.name)!r:<14} {comments.get(f.name, '')}")
-    lines.append(f"  --preset=NAME             one of {', '.join(sorted(PRESETS))}")
-    lines.append("  --config=FILE.json        settings from a JSON object (applied after the preset)")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------- helpers
-from gpt2fast.compute import GPU_PEAK_FLOPS  # noqa: E402  (one table, shared with the compute estimator)
-
-
 def peak_flops(device: torch.device) -> Optional[float]:
-    """Dense bf16/fp16 tensor-core peak of the detected GPU, or None (CPU, unknown GPU)."""
+    """Dense bf16/fp16 tensor-core peak FLOP/s of the GPU (gpt2fast.hardware's table, which tells an H100 PCIe
+    from an SXM), or None (CPU, a GPU not in the table): the MFU is then left out, not guessed."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in GPU_PEAK_FLOPS.items():
-        if key in name:
-            return value
-    return None
-
-
-def flops_per_token(model) -> float:
-    """Training FLOPs per token: 6 per parameter (forward + backward) plus the attention scores."""
-    c = model.config
-    return (6 * model.num_params(non_embedding=True) + 6 * c.vocab_size * c.n_embd
-            + 12 * c.n_layer * c.n_embd * c.block_size)
+    gpu = detect_gpu(torch.cuda.get_device_name(device))
+    return gpu.bf16 * 1e12 if gpu is not None else None
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -249,6 +320,10 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device):
         return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     extra = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+def _pick_device(name: str) -> torch.device:
+    return pick_device(name, flag="--device")
 
 
 def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -284,15 +359,19 @@ def save_checkpoint(out_dir: Path, model, optimizer, scaler, step: int, loader, 
     final = out_dir / f"ckpt_{step:07d}"
     tmp = out_dir / f".tmp_ckpt_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp)  # its files go through gpt2fast._io, like trainer_state.pt below
     state = {"step": step, "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler else None, "loader": loader.state_dict(), "rng": _rng_state(),
              "config": dataclasses.asdict(cfg),
              "model_config": dataclasses.asdict(model.config)}
-    torch.save(state, tmp / "trainer_state.pt")
+    # every file reaches the disk before the folder is renamed into place: a crash just after the rename must not
+    # leave a checkpoint whose state file is still empty in the page cache
+    with atomic_path(tmp / "trainer_state.pt") as state_path:
+        torch.save(state, state_path)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(out_dir)
     for old in checkpoint_dirs(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -303,6 +382,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log=print):
         from gpt2fast import data
         from gpt2fast.model import GPT2, GPT2Config
+        from gpt2fast.model import PRESETS as model_presets
 
         self.cfg = cfg
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -310,8 +390,7 @@ class Trainer:
         self.log = log if self.is_main else (lambda s: None)
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
-                                   else cfg.device)
+        self.device = _pick_device(cfg.device)
         if self.world > 1:
             self._init_distributed()
         self.dtype = pick_dtype(cfg, self.device)
@@ -332,18 +411,25 @@ class Trainer:
         # On the CPU the Triton kernels cannot run: go straight to the reference ops instead of warning.
         backend = "torch" if self.device.type == "cpu" and cfg.backend == "auto" else cfg.backend
         if cfg.init_from:
-            self.model = GPT2.from_pretrained(cfg.init_from, backend=backend)
+            try:
+                self.model = GPT2.from_pretrained(cfg.init_from, backend=backend)
+            except (FileNotFoundError, ValueError) as e:  # from_pretrained's errors are all about the folder
+                raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
         else:
+            if cfg.model not in model_presets:
+                raise ConfigError(f"--model {cfg.model!r} is not a model preset; choose one of "
+                                  f"{', '.join(model_presets)}")
             config = GPT2Config.preset(cfg.model, block_size=cfg.block_size, dropout=cfg.dropout,
                                        gradient_checkpointing=cfg.gradient_checkpointing)
             self.model = GPT2(config, backend=backend)
         mc = self.model.config
         if cfg.block_size > mc.block_size:
-            raise ValueError(f"--block_size={cfg.block_size} exceeds the model's context of {mc.block_size}")
+            raise ConfigError(f"--block-size={cfg.block_size} exceeds the model's context of {mc.block_size}")
         data_vocab = int(manifest["tokenizer"]["vocab_size"])
         if data_vocab > mc.vocab_size:
-            raise ValueError(f"the data in {data_dir} was tokenized with a vocabulary of {data_vocab} tokens, but the "
-                             f"model predicts only {mc.vocab_size}: token ids beyond the model's vocabulary")
+            raise ConfigError(f"the data in {data_dir} was tokenized with a vocabulary of {data_vocab} tokens, but "
+                              f"the model predicts only {mc.vocab_size}: token ids beyond the model's vocabulary; "
+                              f"give --data prepared with its tokenizer, or a model with a larger vocabulary")
         self.model.to(self.device)
         self.train_loader = data.TokenLoader(data_dir, "train", cfg.batch_size, cfg.block_size, seed=cfg.seed,
                                              rank=self.rank, world_size=self.world)
@@ -355,8 +441,8 @@ class Trainer:
         micro_tokens = cfg.batch_size * cfg.block_size * self.world
         target = cfg.tokens_per_step or micro_tokens
         if target % micro_tokens:
-            raise ValueError(f"--tokens_per_step={target} is not a multiple of batch_size x block_size x processes "
-                             f"= {micro_tokens}")
+            raise ConfigError(f"--tokens-per-step={target} is not a multiple of batch_size x block_size x "
+                              f"processes = {micro_tokens}")
         self.accum = target // micro_tokens
         self.tokens_per_step = target
         self.fsdp = cfg.fsdp and self.world > 1
@@ -409,12 +495,13 @@ class Trainer:
 
         found = checkpoint_dirs(self.out_dir)
         if not found:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.out_dir}")
+            raise ConfigError(f"--resume: no checkpoint in {self.out_dir}; give the run's --out-dir, or train "
+                              f"without --resume first")
         path = found[-1]
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
         if state["model_config"] != dataclasses.asdict(self.model.config):
-            raise ValueError(f"--resume: {path} holds a model of another shape ({state['model_config']}) than "
-                             f"this run's ({dataclasses.asdict(self.model.config)})")
+            raise ConfigError(f"--resume: {path} holds a model of another shape ({state['model_config']}) than "
+                              f"this run's ({dataclasses.asdict(self.model.config)})")
         loaded = GPT2.from_pretrained(path, backend="torch")
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -426,7 +513,10 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        self.train_loader.load_state_dict(state["loader"])
+        try:
+            self.train_loader.load_state_dict(state["loader"])
+        except InputError as e:  # a state saved over other data or settings: say which checkpoint it came from
+            raise type(e)(f"--resume: {path}: {e}") from None
         _set_rng_state(state["rng"])
         self.step = state["step"]
         history = self.out_dir / "metrics.jsonl"
@@ -527,14 +617,14 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise RuntimeError(f"--tensorboard=true needs the tensorboard package ({e}): pip install tensorboard, "
-                               f"or leave it off (metrics.jsonl has the same figures)") from None
+            raise ConfigError(f"--tensorboard=true needs the tensorboard package ({e}): pip install tensorboard, "
+                              f"or leave it off (metrics.jsonl has the same figures)") from None
         return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=self.step + 1)
 
     def run(self) -> dict:
         cfg = self.cfg
         peak = peak_flops(self.device)
-        fpt = flops_per_token(self.model)
+        fpt = model_flops_per_token(self.model.config, seq=cfg.block_size)
         tensorboard = self._tensorboard_writer()  # before anything is written: a missing package stops here
         metrics_file = open(self.out_dir / "metrics.jsonl", "a" if cfg.resume else "w", encoding="utf-8") \
             if self.is_main else open(os.devnull, "w")
@@ -560,7 +650,7 @@ class Trainer:
                                   stacklevel=2)
                     if bad >= cfg.max_bad_steps:
                         raise RuntimeError(f"{bad} non-finite losses in a row at step {self.step}: lower --lr, "
-                                           f"raise --warmup_steps or check the data")
+                                           f"raise --warmup-steps or check the data")
                     continue
                 bad = 0
                 lr = learning_rate(self.step, cfg)
@@ -593,7 +683,7 @@ class Trainer:
                 if self.world > 1:  # every process must stop at the same step
                     out_of_time = self._mean_over_processes(torch.tensor(float(bool(out_of_time)))) > 0
                 if out_of_time:
-                    self.log(f"stopping after {cfg.max_minutes} minutes (--max_minutes)")
+                    self.log(f"stopping after {cfg.max_minutes} minutes (--max-minutes)")
                     break
         except KeyboardInterrupt:
             bar.close()
@@ -602,8 +692,8 @@ class Trainer:
             raise
         except torch.cuda.OutOfMemoryError:
             raise RuntimeError(f"out of GPU memory at micro-batch {cfg.batch_size} x {cfg.block_size}: lower "
-                               f"--batch_size (keeping --tokens_per_step, which accumulates more micro-batches) or "
-                               f"turn on --gradient_checkpointing=true") from None
+                               f"--batch-size (keeping --tokens-per-step, which accumulates more micro-batches) or "
+                               f"turn on --gradient-checkpointing=true") from None
         finally:
             metrics_file.close()
             if tensorboard is not None:
@@ -640,7 +730,8 @@ class Trainer:
         ax2.set_title("learning rate")
         fig.tight_layout()
         path = self.out_dir / "loss.png"
-        fig.savefig(path, dpi=110)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")  # the temporary name's suffix says nothing of the format
         plt.close(fig)
         return path
 
@@ -656,8 +747,10 @@ def main(argv=None) -> int:
         result = trainer.run()
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (InputError, BackendUnavailable) as e:
+        # a bad setting or data file, or --backend naming a path that cannot run here: one line that names it
+        # and the fix. Anything else (a CUDA or torch failure, a bug of ours) keeps its traceback.
+        print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist

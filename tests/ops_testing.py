@@ -1,9 +1,12 @@
-"""Shared rules for testing ops against their references.
+"""Shared rules for testing ops against their references, and the marks of the tests that need a GPU.
 
 Tolerance follows flash-attention's rule: compute the reference in float64; the fast path passes when its
 largest error is at most twice the largest error of plain PyTorch run in the same low precision
 (plus a few units in the last place of the dtype, for outputs that PyTorch happens to get exactly right).
 No table of per-dtype magic numbers.
+
+GPU-only tests carry ``needs_cuda`` (skipped, with the reason, without a CUDA GPU) and take the extension from
+``cuda_ops_or_skip`` (skipped, with the reason, where it can be neither imported nor compiled).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 needs_triton = pytest.mark.skipif(not (ON_GPU or INTERPRETING),
                                   reason="Triton kernels need a GPU, or TRITON_INTERPRET=1 on the CPU")
+needs_cuda = pytest.mark.skipif(not ON_GPU, reason="the CUDA C++ kernels need a CUDA GPU")
 
 
 def max_error(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -43,3 +47,34 @@ def fresh(shape, dtype, *, scale=1.0, requires_grad=True, seed=None):
     g.manual_seed(seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item())
     t = (torch.randn(shape, generator=g, dtype=torch.float32) * scale).to(DEVICE, dtype)
     return t.requires_grad_(requires_grad)
+
+
+# ------------------------------------------------------------------------------------------- GPU-only tests
+def cuda_ops_or_skip():
+    """The CUDA ops extension module (on a GPU machine without the prebuilt module the first call compiles it,
+    a few minutes once, then cached), or a skip saying why it cannot be had."""
+    from gpt2fast.ops import _cuda_loader
+
+    module = _cuda_loader.load_cuda_ops()
+    if module is None:
+        pytest.skip(f"gpt2fast._cuda_ops unavailable: {_cuda_loader.cuda_ops_status().reason}")
+    return module
+
+
+def cuda_dtypes():
+    """The dtypes the CUDA kernels take on this GPU: bf16 from sm_80 on."""
+    out = [torch.float32, torch.float16]
+    if ON_GPU and torch.cuda.get_device_capability()[0] >= 8:
+        out.append(torch.bfloat16)
+    return out
+
+
+def needs_sm80():
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the CUDA attention kernel needs sm_80+ (mma.m16n8k16)")
+
+
+def cuda_randn(shape, dtype, seed, scale=1.0):
+    """A seeded random CUDA tensor (drawn on the CPU, so the values do not depend on the GPU)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to("cuda", dtype)

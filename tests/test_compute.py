@@ -1,10 +1,12 @@
 """gpt2fast.compute: FLOPs, time, memory and the command line (no GPU needed)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from gpt2fast import compute
-from gpt2fast.compute import Shape, estimate, flops_per_token, main, static_memory
+from gpt2fast.compute import Shape, estimate, flops_per_token, main, model_flops_per_token, static_memory
 
 
 def test_gpt2_xl_10b_tokens_is_about_9e19_flops():
@@ -18,13 +20,29 @@ def test_gpt2_xl_10b_tokens_is_about_9e19_flops():
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "gpt2"])
 def test_parameter_and_flop_counts_match_the_model(preset):
     from gpt2fast.model import GPT2, GPT2Config
-    from gpt2fast.train import flops_per_token as trainer_flops
 
     model = GPT2(GPT2Config.preset(preset))
-    shape = Shape.from_config(model.config)
+    c = model.config
+    shape = Shape.from_config(c)
     assert shape.num_params() == model.num_params()
     assert shape.num_params(non_embedding=True) == model.num_params(non_embedding=True)
-    assert flops_per_token(shape)["exact"] == trainer_flops(model)
+    # the count the trainer used to make itself, from the model's own parameter count
+    from_model = 6 * model.num_params(non_embedding=True) + 6 * c.vocab_size * c.n_embd \
+        + 12 * c.n_layer * c.n_embd * c.block_size
+    assert flops_per_token(shape)["exact"] == model_flops_per_token(c) == from_model
+    assert model_flops_per_token(dataclasses.asdict(c)) == from_model  # a checkpoint's stored model_config
+
+
+def test_gpt2_124m_flops_per_token():
+    """6N + 12*L*C*T as nanoGPT's estimate_mfu counts it for GPT-2 124M at T = 1024: N without the position
+    table (85,056,000 in the blocks and final LayerNorm + 38,597,376 of the tied embedding as the output head)."""
+    fpt = flops_per_token(Shape.from_preset("gpt2"))
+    assert fpt["exact"] == 6 * 123_653_376 + 12 * 12 * 768 * 1024 == 855_166_464
+    assert fpt["6N"] == 6 * 124_439_808
+    from gpt2fast.model import GPT2Config
+
+    # the attention term follows the sequence trained on, not the context the model could take
+    assert model_flops_per_token(GPT2Config.preset("gpt2"), seq=128) == 6 * 123_653_376 + 12 * 12 * 768 * 128
 
 
 def test_gpt2_124m_mixed_precision_state_is_16_bytes_per_param():
@@ -79,12 +97,15 @@ def test_bad_input_is_a_clear_error(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_train_uses_the_same_peak_table():
+def test_planner_and_trainer_read_one_peak_table(monkeypatch):
+    import torch
+
     from gpt2fast import train
 
-    assert train.GPU_PEAK_FLOPS is compute.GPU_PEAK_FLOPS
     assert compute.GPU_PEAK_FLOPS["V100"] == 125e12 and compute.GPU_PEAK_FLOPS["A100"] == 312e12
     assert compute.GPU_PEAK_FLOPS["H100"] == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert train.peak_flops(torch.device("cuda")) == compute.GPU_PEAK_FLOPS["H100"]
 
 
 def test_mfu_from_a_benchmark_results_file(capsys, tmp_path):

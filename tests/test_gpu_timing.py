@@ -180,3 +180,24 @@ def test_time_cuda_drives_the_stream_with_the_flush_buffer(gpu_timing, monkeypat
 
     gpu_timing.time_cuda(synchronising, warmup=1, iters=3, flush_l2=False)
     assert "could not be queued ahead of the GPU" in capsys.readouterr().out
+
+
+def test_first_call_skips_only_when_the_backend_cannot_run(gpu_timing):
+    """A path that cannot run here (BackendUnavailable) is a skip with its reason; any other error from a path
+    is a failure, not a skip."""
+    from gpt2fast.ops import BackendUnavailable
+
+    assert gpu_timing.first_call("cuda", lambda: 3) == 3
+
+    def unavailable():
+        raise BackendUnavailable("attention: the CUDA C++ backend cannot run here: head dim 48")
+
+    with pytest.raises(pytest.skip.Exception, match=r"ours \(cuda\): attention: the CUDA C\+\+ backend cannot run"):
+        gpu_timing.first_call("cuda", unavailable)
+    for error in (RuntimeError("CUDA error: an illegal memory access"), ValueError("bad shape"),
+                  NotImplementedError("not yet")):
+        def broken(error=error):
+            raise error
+
+        with pytest.raises(type(error)):
+            gpu_timing.first_call("cuda", broken)

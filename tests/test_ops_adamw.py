@@ -1,5 +1,6 @@
-"""gpt2fast.ops.adamw.AdamW: the same steps as torch.optim.AdamW (its PyTorch loop on the CPU; the fused CUDA
-launch on a GPU, against torch's fused AdamW), state that round-trips through state_dict, clear errors."""
+"""Every test of gpt2fast.ops.adamw.AdamW: the same steps as torch.optim.AdamW (its PyTorch loop on the CPU; the
+fused CUDA launch on a GPU, against torch's fused AdamW), state that round-trips through state_dict, clear
+errors; the CUDA kernel called directly (GPU only)."""
 from __future__ import annotations
 
 import copy
@@ -7,9 +8,8 @@ import warnings
 
 import pytest
 import torch
-from ops_testing import assert_within_flash_rule
+from ops_testing import assert_within_flash_rule, cuda_dtypes, cuda_ops_or_skip, cuda_randn, needs_cuda
 
-from gpt2fast.ops import _cuda
 from gpt2fast.ops.adamw import AdamW
 
 HP = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
@@ -100,11 +100,10 @@ def test_cuda_backend_on_cpu_tensors_is_an_error_and_auto_falls_back_with_one_wa
     assert len(messages) == 1 and "PyTorch reference" in messages[0], messages
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused CUDA AdamW needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_path_matches_torch_fused(dtype):
-    if _cuda.load_cuda_ops() is None:
-        pytest.skip(f"gpt2fast._cuda_ops unavailable: {_cuda.cuda_ops_status().reason}")
+    cuda_ops_or_skip()
     if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("bf16 needs sm_80+")
     ours_p = make_params("cuda", dtype)
@@ -128,3 +127,46 @@ def test_cuda_path_matches_torch_fused(dtype):
         ref.step()
     for i, (a, lp, r) in enumerate(zip(ours_p, lowp_p, ref_p)):
         assert_within_flash_rule(f"param{i}", a.detach(), lp.detach().to(dtype), r.detach())
+
+
+# ------------------------------------------------------------------------------------- CUDA kernel (GPU)
+# The binding's adamw_step (gpt2fast._cuda_ops) called directly, against torch's AdamW in float64.
+@pytest.fixture(scope="module")
+def cuda_ops():
+    return cuda_ops_or_skip()
+
+
+@needs_cuda
+@pytest.mark.parametrize("pdtype,gdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.bfloat16, torch.float32), (torch.float16, torch.float16)],
+                         ids=str)
+def test_cuda_kernel_matches_torch(cuda_ops, pdtype, gdtype):
+    if pdtype == torch.bfloat16 and torch.bfloat16 not in cuda_dtypes():
+        pytest.skip("bf16 needs sm_80+")
+    sizes = [1, 7, 1023, 16384, 16385, 70001]
+    hp = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    params = [cuda_randn((n,), torch.float32, n) for n in sizes]
+    ours = [p.to(pdtype) for p in params]
+    m = [torch.zeros(n, device="cuda") for n in sizes]
+    v = [torch.zeros(n, device="cuda") for n in sizes]
+    ref = [p.to(pdtype).double().requires_grad_() for p in params]
+    lp = [p.to(pdtype).float().requires_grad_() for p in params]
+    opt_ref = torch.optim.AdamW(ref, foreach=False, **hp)
+    opt_lp = torch.optim.AdamW(lp, foreach=False, **hp)
+    for step in range(1, 4):
+        grads = [cuda_randn((n,), gdtype, 100 * step + n) for n in sizes]
+        cuda_ops.adamw_step(ours, grads, m, v, hp["lr"], *hp["betas"], hp["eps"], hp["weight_decay"], step)
+        for r, low, g in zip(ref, lp, grads):
+            r.grad, low.grad = g.double(), g.float()
+        opt_ref.step()
+        opt_lp.step()
+    for i, n in enumerate(sizes):
+        # torch's fp32 step, rounded to the parameter dtype, is the low-precision peer.
+        assert_within_flash_rule(f"param{n}", ours[i], lp[i].detach().to(pdtype), ref[i].detach())
+
+
+@needs_cuda
+def test_cuda_input_checks(cuda_ops):
+    w, b = torch.ones(8, device="cuda"), torch.zeros(8, device="cuda")
+    with pytest.raises(RuntimeError, match="step must be >= 1"):
+        cuda_ops.adamw_step([w], [b], [w.clone()], [w.clone()], 1e-3, 0.9, 0.95, 1e-8, 0.0, 0)

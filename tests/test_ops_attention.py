@@ -1,4 +1,4 @@
-"""gpt2fast.ops.attention: the flash-style Triton kernels against a float64 reference.
+"""Every test of gpt2fast.ops.attention: the flash-style Triton kernels against a float64 reference.
 
 Tolerance: flash-attention's rule (tests/ops_testing.py): ours may be at most twice as far from the float64
 reference as plain PyTorch (``attention_reference``) run in the same low precision. Outputs and all three
@@ -7,6 +7,9 @@ the tiles (tails), a single token, and strided views of a fused qkv tensor.
 
 Without a GPU the kernels run under Triton's interpreter (slow), so the CPU shapes are small; the interpreter
 uses tiles of 16 and 32 (``INTERPRETER_BLOCKS``) so that even these span several tiles.
+
+Then the CUDA kernels (GPU only), and the CUDA custom operators, checked on the CPU over a stand-in of the
+binding (tests/cuda_standin.py).
 """
 from __future__ import annotations
 
@@ -14,9 +17,25 @@ import importlib
 import math
 import warnings
 
+import cuda_standin
 import pytest
 import torch
-from ops_testing import DEVICE, DTYPES, INTERPRETING, ON_GPU, assert_within_flash_rule, fresh, needs_triton
+import torch.nn.functional as F
+from cuda_standin import rand
+from ops_testing import (
+    DEVICE,
+    DTYPES,
+    INTERPRETING,
+    ON_GPU,
+    assert_within_flash_rule,
+    cuda_ops_or_skip,
+    cuda_randn,
+    fresh,
+    max_error,
+    needs_cuda,
+    needs_sm80,
+    needs_triton,
+)
 
 from gpt2fast.ops import _dispatch
 from gpt2fast.ops.attention import attention, attention_reference
@@ -150,10 +169,21 @@ def test_empty_sequence():
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
-def test_torch_backend_is_the_reference():
-    q, k, v = _qkv((2, 2, 9, 32), torch.float32)
-    torch.testing.assert_close(attention(q, k, v, causal=True, backend="torch"), attention_reference(q, k, v),
-                               rtol=0, atol=0)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_torch_backend_is_pytorchs_sdpa_within_the_flash_rule(dtype, causal):
+    """backend="torch" (and auto's fallback) is PyTorch's own fused attention, SDPA: exactly SDPA, and within
+    the flash rule of the float64 reference like every other path."""
+    q, k, v = _qkv((2, 2, 9, 32), dtype)
+    out = attention(q, k, v, causal=causal, backend="torch")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal), rtol=0, atol=0)
+    do = fresh(q.shape, dtype, requires_grad=False)
+    ours, grads = _run(lambda *a, causal: attention(*a, causal=causal, backend="torch"), q, k, v, do, causal)
+    ref_out, ref_grads = _run_in(torch.float64, q, k, v, do, causal)
+    low_out, low_grads = _run_in(dtype, q, k, v, do, causal)
+    _assert_close("out", ours, low_out, ref_out, q, k, v, do)
+    for name, g, low, ref in zip(("dq", "dk", "dv"), grads, low_grads, ref_grads):
+        _assert_close(name, g, low, ref, q, k, v, do)
 
 
 def test_reference_matches_sdpa():
@@ -170,7 +200,7 @@ def test_unsupported_head_dim_falls_back_with_a_warning(monkeypatch):
     q, k, v = _qkv((1, 2, 10, 48), torch.float32)
     with pytest.warns(RuntimeWarning, match="head dim 48"):
         out = attention(q, k, v)
-    torch.testing.assert_close(out, attention_reference(q, k, v), rtol=0, atol=0)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=0, atol=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # only once
         attention(q, k, v)
@@ -204,7 +234,7 @@ def test_cpu_without_triton_falls_back(monkeypatch):
     q, k, v = _qkv((1, 1, 5, 32), torch.float32)
     with pytest.warns(RuntimeWarning, match="CPU"):
         out = attention(q, k, v)
-    torch.testing.assert_close(out, attention_reference(q, k, v), rtol=0, atol=0)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=0, atol=0)
 
 
 def test_gpu_config_families():
@@ -233,3 +263,165 @@ def test_autotune_off_keeps_one_config_per_family(monkeypatch):
                 kept = attention_module._pruner(kernel)(configs, {}, HEAD_DIM=head_dim, DOT_PREC=dot_prec)
                 first = families[attention_module._config_family(head_dim, dot_prec)][0]
                 assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] == [first]
+
+
+# ------------------------------------------------------------------------------------- CUDA kernels (GPU)
+# The binding (gpt2fast._cuda_ops) called directly, against float64 references with the flash rule.
+CUDA_SHAPES = [(1, 1, 1, 64), (3, 7, 257, 64), (2, 3, 1025, 64), (1, 2, 1023, 128), (2, 12, 1024, 64)]
+
+
+@pytest.fixture(scope="module")
+def cuda_ops():
+    return cuda_ops_or_skip()
+
+
+def _cuda_reference(q, k, v, do, causal, cast):
+    """o, dq, dk, dv in `cast` arithmetic (scores and softmax in at least fp32, as SDPA's math path)."""
+    qq, kk, vv = (t.detach().to(cast).requires_grad_() for t in (q, k, v))
+    T, D = q.shape[-2:]
+    s = (qq @ kk.transpose(-2, -1)).to(torch.promote_types(cast, torch.float32)) / D ** 0.5
+    if causal:
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    o = torch.softmax(s, -1).to(cast) @ vv
+    return (o.detach(), *torch.autograd.grad(o, (qq, kk, vv), do.to(cast)))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_cuda_kernels_match_float64_reference(cuda_ops, shape, dtype, causal):
+    needs_sm80()
+    seed = hash((shape, causal)) % 10_000
+    q, k, v, do = (cuda_randn(shape, dtype, seed + i) for i in range(4))
+    o, lse = cuda_ops.attention_forward(q, k, v, causal)
+    assert o.dtype == dtype and o.shape == q.shape and lse.shape == shape[:3]
+    ref = _cuda_reference(q, k, v, do, causal, torch.float64)
+    lowp = _cuda_reference(q, k, v, do, causal, dtype)
+    assert_within_flash_rule("o", o, lowp[0], ref[0])
+    grads = cuda_ops.attention_backward(do, q, k, v, o, lse, causal)
+    for name, got, lp, r in zip(("dq", "dk", "dv"), grads, lowp[1:], ref[1:]):
+        if r.abs().max().item() == 0:
+            # T = 1: dq and dk are exactly 0 (dS = P (dP - delta) with P = 1 and delta = dP), and so is the plain
+            # computation's, which makes the flash rule's bound 0. The kernel's dP (the mma's fp32 sum) and delta
+            # (rowsum(dO * O) over the stored O, as flash-attention's) add the same products in different orders,
+            # so its dS is tiny but not 0: the bound gets a floor of one rounding step at the inputs' scale (1),
+            # as in tests/cpp/test_attention_emu.cpp.
+            floor = torch.finfo(dtype).eps / 2
+            assert max_error(got, r) <= floor, f"{name}: max error {max_error(got, r):.3e} > floor {floor:.3e}"
+        else:
+            assert_within_flash_rule(name, got, lp, r)
+
+
+@needs_cuda
+def test_cuda_strided_views_and_determinism(cuda_ops):
+    """q, k, v as slices of one (B, T, 3, H, D) projection are read in place; results land in (B, T, H, D)
+    order; the backward gives bitwise the same gradients on every run (no atomics)."""
+    needs_sm80()
+    B, T, H, D = 2, 300, 4, 64
+    qkv = cuda_randn((B, T, 3, H, D), torch.bfloat16, 11)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    do = cuda_randn((B, H, T, D), torch.bfloat16, 12)
+    o, lse = cuda_ops.attention_forward(q, k, v, True)
+    assert o.stride(1) < o.stride(2), "the output should be stored (B, T, H, D) like its input"
+    o_packed, _ = cuda_ops.attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), True)
+    assert torch.equal(o, o_packed)
+    first = cuda_ops.attention_backward(do, q, k, v, o, lse, True)
+    for _ in range(2):
+        again = cuda_ops.attention_backward(do, q, k, v, o, lse, True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_cuda_input_checks(cuda_ops):
+    needs_sm80()
+    q = torch.randn(1, 2, 8, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        cuda_ops.attention_forward(q.float(), q.float(), q.float(), True)
+    with pytest.raises(RuntimeError, match="head dim 32"):
+        cuda_ops.attention_forward(q[..., :32], q[..., :32], q[..., :32], True)
+    with pytest.raises(RuntimeError, match="must have the same|has shape"):
+        cuda_ops.attention_forward(q, q[:, :1], q, True)
+
+
+@needs_cuda
+def test_backend_cuda_matches_float64_reference():
+    """attention(backend="cuda") end to end through autograd, against the float64 reference."""
+    cuda_ops_or_skip()
+    needs_sm80()
+    q, k, v, do = (cuda_randn((2, 3, 129, 64), torch.bfloat16, 20 + i).requires_grad_() for i in range(4))
+    o = attention(q, k, v, causal=True, backend="cuda")
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+    ref = _cuda_reference(q, k, v, do, True, torch.float64)
+    lowp = _cuda_reference(q, k, v, do, True, torch.bfloat16)
+    for name, got, lp, r in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), lowp, ref):
+        assert_within_flash_rule(name, got.detach(), lp, r)
+
+
+# ------------------------------------------------------------------- CUDA custom operators (CPU stand-in)
+# torch.ops.gpt2fast.attention_fwd / attention_bwd over tests/cuda_standin.py's plain-PyTorch binding:
+# schemas, fakes (and the layouts they promise), registered backward and tracing, without a GPU.
+@pytest.fixture
+def stand_in(monkeypatch):
+    return cuda_standin.install(monkeypatch)
+
+
+def _strided_qkv(B=2, T=9, H=3, D=64):
+    qkv = rand(B, T, 3, H, D, requires_grad=False)
+    return [qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3)]  # (B, T, H, D) storage
+
+
+def _separate_qkv(B=2, T=9, H=3, D=64):
+    """(B, H, T, D) views of (B, T, H, D) tensors, one storage each (opcheck's AOT test wants unaliased inputs)."""
+    return [rand(B, T, H, D, requires_grad=False, seed=10 + i).transpose(1, 2).requires_grad_() for i in range(3)]
+
+
+def _opcheck_args(name):
+    q, k, v = _separate_qkv()
+    if name == "attention_fwd":
+        return q, k, v, True
+    o, lse = cuda_standin.StandIn().attention_forward(q.detach(), k.detach(), v.detach(), True)
+    return rand(2, 3, 9, 64, requires_grad=False), q.detach(), k.detach(), v.detach(), o, lse, True
+
+
+@pytest.mark.parametrize("name", ["attention_fwd", "attention_bwd"])
+def test_opcheck(stand_in, name):
+    cuda_standin.opcheck(name, _opcheck_args(name))
+
+
+def test_cuda_fake_layouts_match_the_binding(stand_in):
+    """Attention results land in the (B, T, H, D) order of their inputs, and the fake says so too."""
+    q, k, v = _strided_qkv()
+    o, _ = torch.ops.gpt2fast.attention_fwd(q, k, v, True)
+    assert o.stride(1) < o.stride(2)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fo, flse = torch.ops.gpt2fast.attention_fwd(fq, fk, fv, True)
+    assert fo.stride() == o.stride() and flse.shape == (2, 3, 9)
+
+
+def test_cuda_operators_give_the_reference_gradients(stand_in):
+    q, k, v = _strided_qkv()
+    ours = torch.autograd.grad(attention_module._cuda_attention(q, k, v, True).square().sum(), (q, k, v))
+    ref = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True).square().sum(), (q, k, v))
+    for name, a, e in zip("qkv", ours, ref):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cuda_operators_compile_without_graph_breaks(stand_in):
+    def block(q, k, v):  # as the model calls it: the output transposed back to (B, T, H * D)
+        return attention_module._cuda_attention(q, k, v, True).transpose(1, 2).reshape(2, 9, 192).square().mean()
+
+    cuda_standin.compiles_like_eager(block, *_strided_qkv())
+
+
+def test_cuda_inputs_the_kernels_cannot_read_in_place_are_packed_inside_the_operator(stand_in):
+    """Rows of 70 elements (not 16-byte chunks): the operator packs them for the kernel, and the results keep
+    the layout the fake promises, so tracing and running agree."""
+    q, k, v = (rand(2, 3, 9, 70, requires_grad=False, seed=20 + i)[..., 3:67].requires_grad_() for i in range(3))
+    cuda_standin.opcheck("attention_fwd", (q, k, v, False))
+    o = attention_module._cuda_attention(q, k, v, False)
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)

@@ -1,7 +1,8 @@
-"""The dispatcher: "cuda" or "triton" asked for where it cannot run is an error naming why; "auto" on a GPU times
-every path that can run (with an injected timer here) and keeps the fastest on disk; without a measurement it
-tries the fused paths in the default order (GPT2FAST_PREFER_BACKEND first) and only looks for the CUDA ops when
-it needs them; on the CPU every op still falls back to its reference."""
+"""The dispatcher: "cuda" or "triton" asked for where it cannot run is an error naming why (of its own type,
+BackendUnavailable); "auto" on a GPU times every path that can run (with an injected timer here) and keeps the
+fastest on disk; without a measurement it tries the fused paths in the default order (GPT2FAST_PREFER_BACKEND
+first) and only looks for the CUDA ops when it needs them; on the CPU every op still falls back to its
+reference."""
 from __future__ import annotations
 
 import pytest
@@ -37,6 +38,44 @@ def test_an_op_without_a_cuda_kernel_says_so():
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend='cudnn' is not one of"):
         CASES["bias_gelu"]("cudnn")
+
+
+def _linear_cross_entropy(be):
+    return ops.linear_cross_entropy(torch.randn(3, 8), torch.randn(8, 8), torch.tensor([1, 2, 3]), backend=be)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("op", [*CASES, "linear_cross_entropy"])
+def test_a_backend_that_cannot_run_raises_backend_unavailable(op, backend, cpu_without_interpreter):
+    """One exception type for "this backend cannot run here" (the benchmarks skip on it and on nothing else):
+    a RuntimeError, so callers that caught the RuntimeError of before still do, with the message that says why."""
+    name = "Triton" if backend == "triton" else "CUDA C\\+\\+"
+    with pytest.raises(ops.BackendUnavailable, match=f"{op}: the {name} backend cannot run here: ") as caught:
+        (CASES.get(op) or _linear_cross_entropy)(backend)
+    assert isinstance(caught.value, RuntimeError)
+    assert "backend='auto'" in str(caught.value) and "backend='torch'" in str(caught.value)
+
+
+def test_backend_unavailable_is_exported_and_raised_by_choose_and_adamw():
+    from gpt2fast.ops.adamw import AdamW
+
+    assert ops.BackendUnavailable is _dispatch.BackendUnavailable and "BackendUnavailable" in ops.__all__
+    with pytest.raises(ops.BackendUnavailable, match="no CUDA C\\+\\+ kernel for this op"):
+        _dispatch.choose("op_without_cuda", "cuda", None)
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    with pytest.raises(ops.BackendUnavailable, match="AdamW: the CUDA C\\+\\+ backend cannot run here"):
+        AdamW([p], backend="cuda").step()
+
+
+def test_bad_arguments_are_not_backend_unavailable():
+    """Only "cannot run here" has the dedicated type: a wrong backend name or a wrong shape is the caller's
+    error, a ValueError, and must not read as a skip."""
+    for call in (lambda: CASES["bias_gelu"]("cudnn"),
+                 lambda: ops.layer_norm(torch.randn(3, 8), torch.ones(7), torch.zeros(8), backend="cuda")):
+        with pytest.raises(ValueError) as caught:
+            call()
+        assert not isinstance(caught.value, ops.BackendUnavailable)
 
 
 def test_auto_tries_the_preferred_path_first_and_checks_cuda_lazily(monkeypatch):

@@ -1,16 +1,33 @@
-"""gpt2fast.ops.bias_gelu: the Triton kernels against a float64 reference (flash-attention's tolerance rule),
-the output and both gradients; dispatch, fallback and argument errors."""
+"""Every test of gpt2fast.ops.bias_gelu: the Triton kernels against a float64 reference (flash-attention's
+tolerance rule), the output and both gradients; dispatch, fallback and argument errors; the CUDA kernels (GPU
+only); the CUDA custom operators, checked on the CPU over a stand-in of the binding."""
 from __future__ import annotations
 
+import importlib
 import warnings
 
+import cuda_standin
 import pytest
 import torch
 import torch.nn.functional as F
-from ops_testing import DEVICE, DTYPES, ON_GPU, assert_within_flash_rule, fresh, needs_triton
+from cuda_standin import rand
+from ops_testing import (
+    DEVICE,
+    DTYPES,
+    ON_GPU,
+    assert_within_flash_rule,
+    cuda_dtypes,
+    cuda_ops_or_skip,
+    cuda_randn,
+    fresh,
+    needs_cuda,
+    needs_triton,
+)
 
 from gpt2fast.ops import _dispatch
 from gpt2fast.ops.bias_gelu import bias_gelu, bias_gelu_reference
+
+bias_gelu_module = importlib.import_module("gpt2fast.ops.bias_gelu")
 
 SHAPES = [(1, 1, 1023), (3, 7, 257), (2, 5, 768), (4, 1600), (2, 3, 3072)] + ([(16384, 3072)] if ON_GPU else [])
 
@@ -130,3 +147,100 @@ def test_mismatched_bias_shape(backend):
         bias_gelu(x, torch.randn(63), backend=backend)
     with pytest.raises(ValueError, match=r"bias has shape \(3, 64\) but x has shape \(2, 3, 64\)"):
         bias_gelu(x, torch.randn(3, 64), backend=backend)
+
+
+# ------------------------------------------------------------------------------------- CUDA kernels (GPU)
+# The binding (gpt2fast._cuda_ops) called directly, against float64 references with the flash rule.
+CUDA_SHAPES = [(1, 1, 1), (3, 7, 256), (4, 1023), (5, 3, 3072), (16384, 3072)]
+
+
+@pytest.fixture(scope="module")
+def cuda_ops():
+    return cuda_ops_or_skip()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", cuda_dtypes(), ids=str)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_kernels_match_float64_reference(cuda_ops, shape, dtype):
+    seed = hash(shape) % 10_000
+    x = cuda_randn(shape, dtype, seed)
+    bias = cuda_randn((shape[-1],), dtype, seed + 1, 0.5)
+    dy = cuda_randn(shape, dtype, seed + 2)
+
+    def reference(cast):
+        xx = x.to(cast).requires_grad_()
+        bb = bias.to(cast).requires_grad_()
+        y = F.gelu(xx + bb, approximate="tanh")
+        dx, db = torch.autograd.grad(y, (xx, bb), dy.to(cast))
+        return y.detach(), dx, db
+
+    y64, dx64, db64 = reference(torch.float64)
+    y_lp, dx_lp, db_lp = reference(dtype)
+    y = cuda_ops.bias_gelu_forward(x, bias)
+    assert_within_flash_rule("y", y, y_lp, y64)
+    dx, db = cuda_ops.bias_gelu_backward(x, bias, dy)
+    assert_within_flash_rule("dx", dx, dx_lp, dx64)
+    assert_within_flash_rule("dbias", db, db_lp, db64)
+
+
+@needs_cuda
+def test_cuda_input_checks(cuda_ops):
+    x, b = torch.randn(4, 8, device="cuda"), torch.zeros(8, device="cuda")
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        cuda_ops.bias_gelu_forward(x.double(), b.double())
+    with pytest.raises(RuntimeError, match="last dimension must be contiguous"):
+        cuda_ops.bias_gelu_forward(x.t(), torch.zeros(4, device="cuda"))
+
+
+@needs_cuda
+def test_backend_cuda_matches_float64_reference():
+    """backend="cuda" end to end (the custom operators and their registered backward), output and both
+    gradients, against the float64 reference with the flash rule, on an odd shape in bf16 (fp16 before sm_80)."""
+    cuda_ops_or_skip()
+    dtype = cuda_dtypes()[-1]
+    inputs = [cuda_randn((5, 3, 3077), dtype, 5), cuda_randn((3077,), dtype, 6, 0.5)]
+
+    def outputs(backend, cast=None):
+        x, b = (t.detach().to(cast or t.dtype).requires_grad_() for t in inputs)
+        out = bias_gelu(x, b, backend=backend).float().square().sum()
+        return [out.detach()] + list(torch.autograd.grad(out, (x, b)))
+
+    ours, lowp, ref = outputs("cuda"), outputs("torch"), outputs("torch", torch.float64)
+    for i, (o, lp, r) in enumerate(zip(ours, lowp, ref)):
+        assert o.dtype == lp.dtype, (i, o.dtype, lp.dtype)
+        assert_within_flash_rule(f"bias_gelu output {i}", o, lp, r)
+
+
+# ------------------------------------------------------------------- CUDA custom operators (CPU stand-in)
+# torch.ops.gpt2fast.bias_gelu_fwd / bias_gelu_bwd over tests/cuda_standin.py's plain-PyTorch binding:
+# schemas, fakes, registered backward and tracing, without a GPU.
+@pytest.fixture
+def stand_in(monkeypatch):
+    return cuda_standin.install(monkeypatch)
+
+
+OPCHECK_ARGS = {
+    "bias_gelu_fwd": lambda: (rand(3, 7, 40), rand(40, seed=7)),
+    "bias_gelu_bwd": lambda: (rand(3, 40, requires_grad=False), rand(40, requires_grad=False),
+                              rand(3, 40, requires_grad=False, seed=8)),
+}
+
+
+@pytest.mark.parametrize("name", list(OPCHECK_ARGS))
+def test_opcheck(stand_in, name):
+    cuda_standin.opcheck(name, OPCHECK_ARGS[name]())
+
+
+def test_cuda_operators_give_the_reference_gradients(stand_in):
+    x, bias = rand(4, 5, 24, seed=1), rand(24, seed=9)
+    ours = torch.autograd.grad(bias_gelu_module._cuda_bias_gelu(x, bias).square().sum(), (x, bias))
+    ref = torch.autograd.grad(F.gelu(x + bias, approximate="tanh").square().sum(), (x, bias))
+    for name, a, e in zip(("x", "bias"), ours, ref):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cuda_operators_compile_without_graph_breaks(stand_in):
+    x, bias = rand(2, 9, 192, seed=1), rand(192, seed=5)
+    cuda_standin.compiles_like_eager(lambda x, bias: bias_gelu_module._cuda_bias_gelu(x, bias).square().mean(),
+                                     x, bias)

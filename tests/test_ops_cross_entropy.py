@@ -1,16 +1,31 @@
-"""gpt2fast.ops.cross_entropy: cross_entropy and linear_cross_entropy against a float64 reference
+"""Every test of gpt2fast.ops.cross_entropy: cross_entropy and linear_cross_entropy against a float64 reference
 (flash-attention's tolerance rule), loss and every gradient; ignore_index, strided logits, target checks,
-chunking, dispatch and fallback."""
+chunking, dispatch and fallback; the CUDA kernels (GPU only); the CUDA custom operators, checked on the CPU over
+a stand-in of the binding."""
 from __future__ import annotations
 
 import importlib
 import warnings
 import zlib
 
+import cuda_standin
 import pytest
 import torch
 import torch.nn.functional as F
-from ops_testing import DEVICE, DTYPES, ON_GPU, assert_within_flash_rule, fresh, max_error, needs_triton
+from cuda_standin import rand
+from ops_testing import (
+    DEVICE,
+    DTYPES,
+    ON_GPU,
+    assert_within_flash_rule,
+    cuda_dtypes,
+    cuda_ops_or_skip,
+    cuda_randn,
+    fresh,
+    max_error,
+    needs_cuda,
+    needs_triton,
+)
 
 from gpt2fast.ops import _dispatch
 from gpt2fast.ops.cross_entropy import (
@@ -469,3 +484,143 @@ def test_default_chunk_size():
     assert default_chunk_size(37, 103, 16) == 32
     assert default_chunk_size(5, 10, 768) == 5  # one chunk, never more rows than the batch
     assert default_chunk_size(1, 50257, 768) == 1
+
+
+# ------------------------------------------------------------------------------------- CUDA kernels (GPU)
+# The binding (gpt2fast._cuda_ops) called directly, against float64 references with the flash rule.
+@pytest.fixture(scope="module")
+def cuda_ops():
+    return cuda_ops_or_skip()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", cuda_dtypes(), ids=str)
+@pytest.mark.parametrize("rows,n_classes,padded", [(1, 1, 1), (7, 10, 10), (33, 50257, 50304), (64, 50257, 50257)])
+def test_cuda_kernels_match_float64_reference(cuda_ops, rows, n_classes, padded, dtype):
+    seed = rows * 7 + n_classes
+    full = cuda_randn((rows, padded), dtype, seed, 3.0)
+    logits = full[:, :n_classes]  # a row stride when padded
+    targets = torch.randint(0, n_classes, (rows,), generator=torch.Generator().manual_seed(seed)).cuda()
+    if rows > 2:
+        targets[::3] = -100
+    n_valid = (targets != -100).sum().float()
+    scale = (torch.tensor(1.0, device="cuda") / n_valid).reshape(1)
+
+    loss, lse = cuda_ops.cross_entropy_forward(logits, targets, -100)
+    ref = F.cross_entropy(logits.double(), targets, ignore_index=-100, reduction="none")
+    lp = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="none")
+    assert_within_flash_rule("loss", loss, lp, ref)
+    lse_ref = torch.logsumexp(logits.double(), -1)
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-5, atol=1e-5)
+
+    grad = cuda_ops.cross_entropy_backward(logits, targets, lse, scale, -100, None)
+    assert grad.dtype == dtype and grad.stride(0) == logits.stride(0)
+
+    def ref_grad(cast):
+        z = logits.detach().to(cast).requires_grad_()
+        out = F.cross_entropy(z, targets, ignore_index=-100, reduction="sum") * scale.to(cast)
+        return torch.autograd.grad(out, z)[0]
+
+    assert_within_flash_rule("grad", grad, ref_grad(dtype), ref_grad(torch.float64))
+    assert (grad[targets == -100] == 0).all()
+
+    in_place = logits.clone()
+    cuda_ops.cross_entropy_backward(in_place, targets, lse, scale, -100, in_place)
+    assert torch.equal(in_place, grad.contiguous())
+
+
+@needs_cuda
+def test_cuda_bad_target_is_nan(cuda_ops):
+    logits = cuda_randn((2, 10), torch.float32, 3)
+    loss, lse = cuda_ops.cross_entropy_forward(logits, torch.tensor([3, 11], device="cuda"), -100)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1])
+
+
+@needs_cuda
+def test_cuda_input_checks(cuda_ops):
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="int64"):
+        cuda_ops.cross_entropy_forward(x, torch.zeros(4, device="cuda", dtype=torch.int32), -100)
+
+
+@needs_cuda
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_backend_cuda_matches_float64_reference(op):
+    """backend="cuda" end to end (the custom operators; cross_entropy's registered backward, and
+    linear_cross_entropy's per-chunk operators), the loss and every gradient, against the float64 reference with
+    the flash rule, on odd shapes in bf16 (fp16 before sm_80)."""
+    cuda_ops_or_skip()
+    dtype = cuda_dtypes()[-1]
+    targets = torch.randint(0, 50257, (37,), device="cuda")
+    targets[::5] = -100
+    if op == "cross_entropy":
+        inputs = [cuda_randn((37, 50257), dtype, 7, 3.0)]
+        run = lambda be, x: cross_entropy(x, targets, backend=be)
+    else:
+        inputs = [cuda_randn((37, 768), dtype, 8), cuda_randn((50257, 768), dtype, 9, 0.05)]
+        run = lambda be, h, w: linear_cross_entropy(h, w, targets, backend=be)
+
+    def outputs(backend, cast=None):
+        leaves = [t.detach().to(cast or t.dtype).requires_grad_() for t in inputs]
+        out = run(backend, *leaves)
+        return [out.detach()] + list(torch.autograd.grad(out, leaves))
+
+    ours, lowp, ref = outputs("cuda"), outputs("torch"), outputs("torch", torch.float64)
+    for i, (o, lp, r) in enumerate(zip(ours, lowp, ref)):
+        assert o.dtype == lp.dtype, (op, i, o.dtype, lp.dtype)
+        assert_within_flash_rule(f"{op} output {i}", o, lp, r)
+
+
+# ------------------------------------------------------------------- CUDA custom operators (CPU stand-in)
+# torch.ops.gpt2fast.cross_entropy_mean / _rows / _grad / _grad_ over tests/cuda_standin.py's plain-PyTorch
+# binding: schemas, fakes, registered backward and tracing, without a GPU.
+@pytest.fixture
+def stand_in(monkeypatch):
+    return cuda_standin.install(monkeypatch)
+
+
+def _opcheck_args(name):
+    logits, targets = rand(6, 11, seed=5), torch.tensor([1, 0, -100, 10, 3, 3])
+    padded = rand(6, 16, requires_grad=False, seed=6)[:, :11]  # rows with a stride
+    lse, scale = torch.logsumexp(padded, -1), torch.tensor([0.2])
+    return {
+        "cross_entropy_mean": (logits, targets, -100),
+        "cross_entropy_rows": (padded, targets, -100),
+        "cross_entropy_grad": (padded, targets, lse, scale, -100),
+        "cross_entropy_grad_": (padded.clone(), targets, lse, scale, -100),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["cross_entropy_mean", "cross_entropy_rows", "cross_entropy_grad",
+                                  "cross_entropy_grad_"])
+def test_opcheck(stand_in, name):
+    cuda_standin.opcheck(name, _opcheck_args(name))
+
+
+def test_cuda_operators_give_the_reference_gradients(stand_in):
+    logits, targets = rand(20, 24, seed=5), torch.randint(0, 24, (20,), generator=torch.Generator().manual_seed(0))
+    targets[::4] = -100
+    ours = ce_module._cuda_cross_entropy(logits, targets, -100)
+    ref = F.cross_entropy(logits, targets, ignore_index=-100)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(ref, logits)[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_operators_compile_without_graph_breaks(stand_in):
+    logits = rand(18, 192, seed=1)
+    targets = torch.randint(0, 192, (18,), generator=torch.Generator().manual_seed(1))
+    cuda_standin.compiles_like_eager(lambda x: ce_module._cuda_cross_entropy(x.square(), targets, -100), logits)
+
+
+def test_linear_cross_entropy_on_the_cuda_operators(stand_in):
+    """linear_cross_entropy's per-chunk steps on the CUDA path (cross_entropy_rows, then cross_entropy_grad_
+    over the chunk's logits), run on the stand-in: the loss and both gradients of the reference."""
+    hidden, weight = rand(10, 16, seed=2), rand(24, 16, seed=3)
+    targets = torch.randint(0, 24, (10,), generator=torch.Generator().manual_seed(2))
+    targets[::3] = -100
+    ours = ce_module._run_linear_cross_entropy("cuda", hidden, weight, targets, -100, chunk=4)
+    ref = linear_cross_entropy_reference(hidden, weight, targets)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    for a, e in zip(torch.autograd.grad(ours, (hidden, weight)), torch.autograd.grad(ref, (hidden, weight))):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpt2fast import _native_sources
-from gpt2fast.ops import _cuda, info
+from gpt2fast.ops import _cuda_loader, info
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -55,19 +55,19 @@ def test_info_build_fails_cleanly_without_a_gpu():
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the loader's answer on a machine without a CUDA GPU")
 def test_load_cuda_ops_returns_none_with_a_reason():
-    _cuda._reset_for_tests()
+    _cuda_loader._reset_for_tests()
     try:
-        assert _cuda.load_cuda_ops() is None
-        status = _cuda.cuda_ops_status()
+        assert _cuda_loader.load_cuda_ops() is None
+        status = _cuda_loader.cuda_ops_status()
         assert status.module is None and status.how is None
         assert status.reason and ("CPU-only" in status.reason or "GPU" in status.reason), status.reason
     finally:
-        _cuda._reset_for_tests()
+        _cuda_loader._reset_for_tests()
 
 
 def test_jit_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("GPT2FAST_NO_CUDA_JIT", "1")
-    assert "GPT2FAST_NO_CUDA_JIT" in _cuda.jit_problem()
+    assert "GPT2FAST_NO_CUDA_JIT" in _cuda_loader.jit_problem()
 
 
 def test_every_kernel_is_listed_once_and_present():
@@ -83,6 +83,6 @@ def test_every_kernel_is_listed_once_and_present():
 
 
 def test_source_files_found_from_the_checkout():
-    files = _cuda.source_files()
+    files = _cuda_loader.source_files()
     assert files is not None
     assert [p.name for p in files["sources"]] == [Path(r).name for r in _native_sources.CUDA_SOURCES]

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
-from gpt2fast import data
-from gpt2fast.train import TrainConfig, Trainer, help_text, learning_rate, main, parse_args
+from gpt2fast import data, train
+from gpt2fast.compute import model_flops_per_token
+from gpt2fast.errors import ConfigError
+from gpt2fast.train import TrainConfig, Trainer, flag, help_text, learning_rate, main, parse_args
 
 
 def quick(tmp_path, shards, **overrides) -> TrainConfig:
@@ -35,6 +38,26 @@ def test_command_line_overrides_and_types(tmp_path):
     assert cfg.lr == 1.0 and cfg.max_steps == 9
 
 
+@pytest.mark.parametrize("argv", [
+    ["--max-steps", "7", "--tokens-per-step=512", "--gradient-checkpointing", "--out-dir=x"],
+    ["--max_steps", "7", "--tokens_per_step=512", "--gradient_checkpointing", "--out_dir=x"],
+    ["--max-steps=7", "--tokens_per_step", "512", "--gradient-checkpointing=true", "--out_dir", "x"],
+], ids=["kebab", "snake", "mixed"])
+def test_kebab_and_snake_spellings_set_the_same_setting(argv):
+    cfg = parse_args(argv)
+    assert (cfg.max_steps, cfg.tokens_per_step, cfg.gradient_checkpointing, cfg.out_dir) == (7, 512, True, "x")
+    assert parse_args(["--max-steps=3", "--max_steps=4"]).max_steps == 4  # the last one given wins
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--tensorboard=true"], True), (["--tensorboard"], True), (["--tensorboard", "yes"], True),
+    (["--tensorboard=0"], False), (["--tensorboard", "off", "--lr=1"], False), ([], False),
+    (["--gradient_checkpointing=on", "--tensorboard=1"], True),
+])
+def test_booleans_take_a_word_or_stand_alone(argv, expected):
+    assert parse_args(argv).tensorboard is expected
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--learning_rate=1"], "unknown setting 'learning_rate'"),
     (["--batch_sise=2"], "did you mean --batch_size"),
@@ -45,28 +68,97 @@ def test_command_line_overrides_and_types(tmp_path):
     (["lr=1"], "settings are written --key=value"),
     (["--optimizer=sgd"], "--optimizer must be torch"),
     (["--backend=cudnn"], "--backend must be auto, cuda, triton or torch"),
+    # the kebab spelling: errors echo the spelling typed
+    (["--batch-sise=2"], "did you mean --batch-size"),
+    (["--batch-size=two"], "--batch-size takes an integer, got 'two'"),
+    (["--max-steps"], "--max-steps needs a value"),
+    (["--confg=run.json"], "did you mean --config"),
+    # argparse would take a unique prefix for the whole flag; a shortened flag is refused, with the candidates
+    (["--warmup=3"], r"unknown setting 'warmup' .*did you mean --warmup-steps"),
+    (["--max=3"], r"unknown setting 'max' .*did you mean --max-steps, --max-minutes"),
+    (["--dropout=1"], r"--dropout must be in \[0, 1\), got 1.0"),
+    (["--block-size=0"], "--block-size must be at least 1, got 0"),
 ])
 def test_bad_settings_are_clear_errors(argv, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):  # a ValueError, as before
         parse_args(argv)
 
 
 def test_config_file_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"lr": "fast"}')
-    with pytest.raises(ValueError, match="lr should be float"):
+    with pytest.raises(ConfigError, match="lr should be float"):
         parse_args([f"--config={bad}"])
     bad.write_text('{"nope": 1}')
-    with pytest.raises(ValueError, match="unknown setting 'nope'"):
+    with pytest.raises(ConfigError, match="unknown setting 'nope'"):
         parse_args([f"--config={bad}"])
+    with pytest.raises(ConfigError, match="no such file"):
+        parse_args([f"--config={tmp_path / 'missing.json'}"])
 
 
-def test_help_lists_every_key_with_its_default(capsys):
+def test_help_lists_every_setting_with_its_default(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
+    assert help_text() in out
+    # one entry per flag; argparse wraps long help lines, so compare with the whitespace folded
+    entries = {chunk.split()[0]: " ".join(chunk.split()) for chunk in re.split(r"\n  (?=--)", out)}
+    defaults = TrainConfig()
     for name in TrainConfig.__dataclass_fields__:
-        assert f"--{name}=" in out, name
-    assert "--lr=0.0015" in out and help_text() in out
+        value = getattr(defaults, name)
+        shown = str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, str) else value
+        assert f"(default: {shown})" in entries[flag(name)], name
+    assert "(default: 0.0015)" in entries["--lr"] and "(default: 'out')" in entries["--out-dir"]
+    assert "--max_steps" not in entries  # the older spelling is taken, not listed
+    assert "--preset" in entries and "--config" in entries
+
+
+def test_main_prints_a_bad_setting_or_data_as_one_line(tmp_path, small_shards, capsys):
+    cases = [
+        (["--batch-size=two"], "--batch-size takes an integer, got 'two'"),
+        (["--data", str(small_shards), "--out-dir", str(tmp_path / "a"), "--model=gpt5", "--device=cpu"],
+         "--model 'gpt5' is not a model preset"),
+        (["--data", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "b"), "--device=cpu"],
+         str(tmp_path / "missing")),
+        (["--out-dir", str(tmp_path / "c"), "--device=tpu"], "--device tpu: not a device"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (argv, err)
+
+
+def test_main_lets_other_errors_keep_their_traceback(tmp_path, small_shards, monkeypatch):
+    """A failure from inside training (CUDA, torch, a bug) is not a bad setting: main does not turn it into
+    one line and exit 2, it propagates."""
+    def fail():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(Trainer, "train_step", lambda self: fail())
+    argv = ["--data", str(small_shards), "--out-dir", str(tmp_path), "--device=cpu", "--block-size=32",
+            "--batch-size=2", "--max-steps=2", "--max-minutes=0"]
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        main(argv)
+
+
+@pytest.mark.parametrize("device_name, peak", [
+    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835.5e12), ("NVIDIA A100-SXM4-40GB", 312e12),
+    ("NVIDIA GeForce RTX 4090", None),
+])
+def test_mfu_peak_is_the_gpu_variants_own(monkeypatch, device_name, peak):
+    """The trainer's peak comes from gpt2fast.hardware: an H100 PCIe is not measured against the SXM peak."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    assert train.peak_flops(torch.device("cuda")) == (pytest.approx(peak) if peak else None)
+    assert train.peak_flops(torch.device("cpu")) is None
+
+
+def test_mfu_divides_by_the_one_flops_formula(tmp_path, small_shards, monkeypatch):
+    monkeypatch.setattr(train, "peak_flops", lambda device: 1e12)
+    trainer = Trainer(quick(tmp_path, small_shards, max_steps=2), log=lambda s: None)
+    trainer.run()
+    per_token = model_flops_per_token(trainer.model.config, seq=32)
+    for row in metrics(tmp_path / "out").values():
+        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * per_token / 1e12)
 
 
 def test_learning_rate_warms_up_then_decays():
@@ -151,7 +243,7 @@ def test_our_adamw_trains_like_torchs(tmp_path, small_shards):
 
 def test_resume_refuses_another_model_shape(tmp_path, small_shards):
     Trainer(quick(tmp_path, small_shards, max_steps=3), log=lambda s: None).run()
-    with pytest.raises(ValueError, match="model of another shape"):
+    with pytest.raises(ConfigError, match="model of another shape"):
         Trainer(quick(tmp_path, small_shards, resume=True, block_size=64), log=lambda s: None)
 
 
@@ -172,8 +264,8 @@ def test_out_of_memory_names_the_knobs(tmp_path, small_shards, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(trainer, "train_step", oom)
-    with pytest.raises(RuntimeError, match=r"out of GPU memory at micro-batch 2 x 32: lower --batch_size .*"
-                                           r"--gradient_checkpointing=true"):
+    with pytest.raises(RuntimeError, match=r"out of GPU memory at micro-batch 2 x 32: lower --batch-size .*"
+                                           r"--gradient-checkpointing=true"):
         trainer.run()
 
 
@@ -204,7 +296,7 @@ def test_tensorboard_scalars(tmp_path, small_shards, monkeypatch):
     assert {w[0] for w in written[1:-1]} >= {"train/loss", "train/lr", "train/tokens_per_s", "train/val_ppl"}
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
-    with pytest.raises(RuntimeError, match="needs the tensorboard package"):
+    with pytest.raises(ConfigError, match="needs the tensorboard package"):
         Trainer(quick(tmp_path / "again", small_shards, tensorboard=True), log=lambda s: None).run()
     assert not (tmp_path / "again" / "out" / "metrics.jsonl").exists()
 
@@ -226,17 +318,37 @@ def test_interrupt_saves_a_checkpoint(tmp_path, small_shards, monkeypatch):
     assert (tmp_path / "out" / "ckpt_0000002" / "model.safetensors").is_file()
 
 
+def test_a_failed_checkpoint_write_leaves_the_last_one_whole(tmp_path, small_shards, monkeypatch):
+    trainer = Trainer(quick(tmp_path, small_shards, max_steps=3), log=lambda s: None)
+    trainer.run()
+    out = tmp_path / "out"
+    assert [p.name for p in train.checkpoint_dirs(out)] == ["ckpt_0000003"]
+
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as partial:
+            partial.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save()  # the same step again: it would replace ckpt_0000003
+    assert [p.name for p in train.checkpoint_dirs(out)] == ["ckpt_0000003"]
+    assert torch.load(out / "ckpt_0000003" / "trainer_state.pt", weights_only=False)["step"] == 3
+    left = [p.name for p in (out / ".tmp_ckpt_0000003").iterdir()]
+    assert not [name for name in left if "trainer_state" in name], left  # the partial file is gone, never renamed
+
+
 def test_data_problems_are_clear_errors_before_training(tmp_path, small_shards):
     with pytest.raises(data.DataError, match="fewer than block_size"):
         Trainer(quick(tmp_path, small_shards, block_size=100_000, model="gpt2"), log=lambda s: None)
     from gpt2fast.model import GPT2, GPT2Config
 
     GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=64, block_size=16, vocab_size=1000)).save_pretrained(tmp_path / "m")
-    with pytest.raises(ValueError, match="exceeds the model's context of 16"):
+    with pytest.raises(ConfigError, match="exceeds the model's context of 16"):
         Trainer(quick(tmp_path, small_shards, init_from=str(tmp_path / "m")), log=lambda s: None)
-    with pytest.raises(ValueError, match="token ids beyond the model's vocabulary"):
+    with pytest.raises(ConfigError, match="token ids beyond the model's vocabulary"):
         Trainer(quick(tmp_path, small_shards, init_from=str(tmp_path / "m"), block_size=16), log=lambda s: None)
-    with pytest.raises(ValueError, match="not a multiple of batch_size x block_size"):
+    with pytest.raises(ConfigError, match="not a multiple of batch_size x block_size"):
         Trainer(quick(tmp_path, small_shards, tokens_per_step=100), log=lambda s: None)
 
 
@@ -271,3 +383,16 @@ def test_loss_curve_matches_plain_pytorch_gpt2(small_shards):
     assert curves[0][-1] < curves[0][0] - 1  # it learns
     for step, (a, b) in enumerate(zip(*curves)):
         assert abs(a - b) <= 0.01 * b, (step, a, b)
+
+
+def test_a_backend_that_cannot_run_here_is_one_line_and_exit_2(tmp_path, small_shards, capsys):
+    """--backend=cuda on a machine without CUDA: the ops' BackendUnavailable, reported as one line."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the message on a machine without CUDA")
+    argv = [f"--data={small_shards}", f"--out-dir={tmp_path / 'out'}", "--block-size=32", "--batch-size=2",
+            "--max-steps=1", "--device=cpu", "--backend=cuda"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "CUDA C++ backend cannot run here" in err and "Traceback" not in err

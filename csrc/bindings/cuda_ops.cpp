@@ -1,5 +1,9 @@
 // gpt2fast._cuda_ops: the CUDA kernels of csrc/kernels behind checked PyTorch entry points.
 //
+// One module, in one section per op (LayerNorm, bias + GELU, cross-entropy, attention, AdamW), each holding the
+// op's entry points and ending in the bind_<op> function that adds them to the module; the checks they share come
+// first. gpt2fast/ops/<op>.py registers an op's entry points as its torch.library custom operators.
+//
 // Each function checks its tensors (CUDA, one device, supported dtype, shapes, a contiguous last dimension and
 // rows that collapse to one row stride, so no hidden copy is made), raises a ValueError-like RuntimeError
 // (TORCH_CHECK) naming the offending value and what to do otherwise, allocates its outputs, and launches on
@@ -25,7 +29,7 @@ namespace kern = gpt2fast::kernels;
 
 namespace {
 
-// ------------------------------------------------------------------------------------------ checks
+// ======================================================================================= shared checks, build info
 kern::DType kernel_dtype(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat:
@@ -139,7 +143,13 @@ void check_launch(cudaError_t err, const char* op) {
 
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
-// ------------------------------------------------------------------------------------------ LayerNorm
+void bind_build_info(py::module_& m) {
+  m.def("compiled_architectures", []() { return std::string(kern::compiled_architectures()); },
+        "the architectures the kernels were built for, as nvcc's __CUDA_ARCH_LIST__ (\"800,900\")");
+  m.def("cuda_runtime_version_built", &kern::cuda_runtime_version_built, "CUDART_VERSION at build time");
+}
+
+// ========================================================================== LayerNorm (csrc/kernels/layer_norm.cu)
 std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Tensor> layer_norm_forward(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
     double eps) {
@@ -222,7 +232,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
   return {dx, dweight, dbias};
 }
 
-// ------------------------------------------------------------------------------------------ bias + GELU
+void bind_layer_norm(py::module_& m) {
+  m.def("layer_norm_forward", &layer_norm_forward, "residual add + LayerNorm: (y, h or None, mean, rstd)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual") = py::none(), py::arg("eps") = 1e-5);
+  m.def("layer_norm_backward", &layer_norm_backward, "LayerNorm gradients: (dx, dweight, dbias)", py::arg("h"),
+        py::arg("dy"), py::arg("dh"), py::arg("weight"), py::arg("mean"), py::arg("rstd"));
+  m.def("layer_norm_max_width", &kern::layer_norm_max_width, "widest row the LayerNorm kernels take");
+}
+
+// ========================================================================= bias + GELU (csrc/kernels/bias_gelu.cu)
 void check_bias_gelu_args(const at::Tensor& x, const at::Tensor& bias, const char* op, kern::DType* dtype,
                           kern::DType* bdtype, Rows* xr) {
   check_cuda(x, op, "x");
@@ -271,7 +289,13 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward(const at::Tensor& x, const
   return {dx, dbias};
 }
 
-// ------------------------------------------------------------------------------------------ cross-entropy
+void bind_bias_gelu(py::module_& m) {
+  m.def("bias_gelu_forward", &bias_gelu_forward, "tanh GELU of x + bias", py::arg("x"), py::arg("bias"));
+  m.def("bias_gelu_backward", &bias_gelu_backward, "bias + GELU gradients: (dx, dbias)", py::arg("x"),
+        py::arg("bias"), py::arg("dy"));
+}
+
+// =================================================================== cross-entropy (csrc/kernels/cross_entropy.cu)
 Rows check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& targets, const char* op) {
   check_cuda(logits, op, "logits");
   check_bf16_supported(kernel_dtype(logits, op, "logits"), logits.device(), op);
@@ -334,7 +358,15 @@ at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& ta
   return grad;
 }
 
-// ------------------------------------------------------------------------------------------ attention
+void bind_cross_entropy(py::module_& m) {
+  m.def("cross_entropy_forward", &cross_entropy_forward, "per-row (loss, lse), fp32", py::arg("logits"),
+        py::arg("targets"), py::arg("ignore_index") = -100);
+  m.def("cross_entropy_backward", &cross_entropy_backward, "(softmax - onehot) * scale in the logits' dtype",
+        py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("scale"), py::arg("ignore_index") = -100,
+        py::arg("out") = py::none());
+}
+
+// ======================================================= attention (csrc/kernels/attention.cu, attention_impl.cuh)
 // A (B, H, T, D) operand the kernels can read without a copy: fp16/bf16 like q, q's shape, unit stride along D,
 // 16-byte aligned data and B/H/T strides that are multiples of 8 elements.
 void check_attention_operand(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name) {
@@ -458,7 +490,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   return {dq, dk, dv};
 }
 
-// ------------------------------------------------------------------------------------------ AdamW
+void bind_attention(py::module_& m) {
+  m.def("attention_forward", &attention_forward,
+        "flash attention on the tensor cores (sm_80+, fp16/bf16, head dim 64/128): (o, lse)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("causal") = true, py::arg("scale") = py::none());
+  m.def("attention_backward", &attention_backward, "gradients of attention_forward: (dq, dk, dv)",
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"),
+        py::arg("causal") = true, py::arg("scale") = py::none());
+}
+
+// =================================================================================== AdamW (csrc/kernels/adamw.cu)
 void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                 const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs, double lr,
                 double beta1, double beta2, double eps, double weight_decay, int64_t step) {
@@ -534,33 +575,20 @@ void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   }
 }
 
+void bind_adamw(py::module_& m) {
+  m.def("adamw_step", &adamw_step, "torch.optim.AdamW's step over a parameter group, one launch", py::arg("params"),
+        py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("lr"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gpt2fast's CUDA C++ kernels (csrc/kernels), with input checks; wrapped by gpt2fast.ops";
-  m.def("layer_norm_forward", &layer_norm_forward, "residual add + LayerNorm: (y, h or None, mean, rstd)",
-        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual") = py::none(), py::arg("eps") = 1e-5);
-  m.def("layer_norm_backward", &layer_norm_backward, "LayerNorm gradients: (dx, dweight, dbias)", py::arg("h"),
-        py::arg("dy"), py::arg("dh"), py::arg("weight"), py::arg("mean"), py::arg("rstd"));
-  m.def("bias_gelu_forward", &bias_gelu_forward, "tanh GELU of x + bias", py::arg("x"), py::arg("bias"));
-  m.def("bias_gelu_backward", &bias_gelu_backward, "bias + GELU gradients: (dx, dbias)", py::arg("x"),
-        py::arg("bias"), py::arg("dy"));
-  m.def("cross_entropy_forward", &cross_entropy_forward, "per-row (loss, lse), fp32", py::arg("logits"),
-        py::arg("targets"), py::arg("ignore_index") = -100);
-  m.def("cross_entropy_backward", &cross_entropy_backward, "(softmax - onehot) * scale in the logits' dtype",
-        py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("scale"), py::arg("ignore_index") = -100,
-        py::arg("out") = py::none());
-  m.def("attention_forward", &attention_forward,
-        "flash attention on the tensor cores (sm_80+, fp16/bf16, head dim 64/128): (o, lse)", py::arg("q"),
-        py::arg("k"), py::arg("v"), py::arg("causal") = true, py::arg("scale") = py::none());
-  m.def("attention_backward", &attention_backward, "gradients of attention_forward: (dq, dk, dv)",
-        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"),
-        py::arg("causal") = true, py::arg("scale") = py::none());
-  m.def("adamw_step", &adamw_step, "torch.optim.AdamW's step over a parameter group, one launch", py::arg("params"),
-        py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("lr"), py::arg("beta1"),
-        py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"));
-  m.def("layer_norm_max_width", &kern::layer_norm_max_width, "widest row the LayerNorm kernels take");
-  m.def("compiled_architectures", []() { return std::string(kern::compiled_architectures()); },
-        "the architectures the kernels were built for, as nvcc's __CUDA_ARCH_LIST__ (\"800,900\")");
-  m.def("cuda_runtime_version_built", &kern::cuda_runtime_version_built, "CUDART_VERSION at build time");
+  bind_build_info(m);
+  bind_layer_norm(m);
+  bind_bias_gelu(m);
+  bind_cross_entropy(m);
+  bind_attention(m);
+  bind_adamw(m);
 }

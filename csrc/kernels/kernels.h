@@ -8,6 +8,8 @@
 // Conventions: "rows" x "width" matrices whose last dimension is contiguous; a row stride is the distance in
 // elements between the starts of consecutive rows (>= width). Outputs documented as contiguous have row
 // stride == width. Arithmetic is fp32 in registers whatever the storage dtype.
+//
+// One section per op, in the binding's order, each naming the .cu file (in csrc/kernels) that defines it.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -22,11 +24,12 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 // The architectures the kernels were compiled for, as nvcc's __CUDA_ARCH_LIST__ spells them ("750,800,900"),
-// or "unknown"; and the CUDA runtime version they were built against (CUDART_VERSION, e.g. 13000).
+// or "unknown"; and the CUDA runtime version they were built against (CUDART_VERSION, e.g. 13000). Defined in
+// layer_norm.cu.
 const char* compiled_architectures();
 int cuda_runtime_version_built();
 
-// ---------------------------------------------------------------------------------------------- LayerNorm
+// ======================================================================================= LayerNorm (layer_norm.cu)
 // Widest row the LayerNorm kernels take: a row lives in the registers of one block.
 int64_t layer_norm_max_width();
 
@@ -53,7 +56,7 @@ cudaError_t layer_norm_backward(DType dtype, DType param_dtype, const void* h, i
                                 void* dbias, float* partials, int64_t partial_rows, int64_t rows, int64_t width,
                                 cudaStream_t stream);
 
-// ---------------------------------------------------------------------------------------------- bias + GELU
+// ====================================================================================== bias + GELU (bias_gelu.cu)
 // y = gelu_tanh(x + bias), bias broadcast over rows. x, y: `dtype`; bias: `bias_dtype` (`dtype` or kFloat32).
 // x may have a row stride; y is contiguous.
 cudaError_t bias_gelu_forward(DType dtype, DType bias_dtype, const void* x, int64_t x_row_stride,
@@ -68,7 +71,7 @@ cudaError_t bias_gelu_backward(DType dtype, DType bias_dtype, const void* x, int
                                float* partials, int64_t partial_rows, int64_t rows, int64_t width,
                                cudaStream_t stream);
 
-// ---------------------------------------------------------------------------------------------- cross-entropy
+// ================================================================================ cross-entropy (cross_entropy.cu)
 // Per row of logits (rows x n_classes, row stride `row_stride`, `dtype`) and int64 targets[rows]:
 // lse[r] = logsumexp(logits[r]) and loss[r] = lse[r] - logits[r, target] (fp32), one streaming read of the row.
 // loss is 0 where target == ignore_index, and nan for a target outside [0, n_classes) that is not ignored.
@@ -83,30 +86,7 @@ cudaError_t cross_entropy_backward(DType dtype, const void* logits, int64_t row_
                                    const float* lse, const float* scale, void* grad, int64_t grad_row_stride,
                                    int64_t rows, int64_t n_classes, int64_t ignore_index, cudaStream_t stream);
 
-// ---------------------------------------------------------------------------------------------- AdamW
-// One tensor of a parameter group, as the kernel reads it from device memory. first_chunk is the index of the
-// tensor's first chunk of kAdamWChunk elements in the launch: sum of ceil(numel / kAdamWChunk) of the tensors
-// before it. Tensors with numel == 0 may be left out.
-struct AdamWTensor {
-  void* param;          // param_dtype, updated in place
-  const void* grad;     // grad_dtype
-  float* exp_avg;       // fp32, updated in place
-  float* exp_avg_sq;    // fp32, updated in place
-  int64_t numel;
-  int64_t first_chunk;
-};
-static_assert(sizeof(AdamWTensor) == 48, "AdamWTensor is shared with the binding as six 64-bit words");
-
-constexpr int64_t kAdamWChunk = 16384;
-
-// torch.optim.AdamW's step (decoupled weight decay, bias correction for `step` >= 1, no amsgrad), in fp32, over
-// every tensor of `table` (device memory, num_tensors entries) in one launch of total_chunks blocks.
-// param_dtype: kFloat32, kFloat16 or kBFloat16; grad_dtype: param_dtype or kFloat32.
-cudaError_t adamw_step(DType param_dtype, DType grad_dtype, const AdamWTensor* table, int num_tensors,
-                       int64_t total_chunks, float lr, float beta1, float beta2, float eps, float weight_decay,
-                       int64_t step, cudaStream_t stream);
-
-// ---------------------------------------------------------------------------------------------- attention
+// ==================================================================== attention (attention.cu, attention_impl.cuh)
 // One (B, H, T, D) tensor: data and element strides of the batch, head and time dimensions (D has stride 1).
 // The kernels read and write 16-byte chunks: data 16-byte aligned, strides multiples of 8 elements.
 struct AttentionTensor {
@@ -136,6 +116,29 @@ cudaError_t attention_forward(const AttentionArgs& args, cudaStream_t stream);
 // Gradients dq, dk, dv of attention_forward from dout, recomputing the probabilities from q, k and lse.
 // Reads q, k, v, o, dout, lse; writes delta (workspace), dq, dk, dv. Deterministic.
 cudaError_t attention_backward(const AttentionArgs& args, cudaStream_t stream);
+
+// ================================================================================================ AdamW (adamw.cu)
+// One tensor of a parameter group, as the kernel reads it from device memory. first_chunk is the index of the
+// tensor's first chunk of kAdamWChunk elements in the launch: sum of ceil(numel / kAdamWChunk) of the tensors
+// before it. Tensors with numel == 0 may be left out.
+struct AdamWTensor {
+  void* param;          // param_dtype, updated in place
+  const void* grad;     // grad_dtype
+  float* exp_avg;       // fp32, updated in place
+  float* exp_avg_sq;    // fp32, updated in place
+  int64_t numel;
+  int64_t first_chunk;
+};
+static_assert(sizeof(AdamWTensor) == 48, "AdamWTensor is shared with the binding as six 64-bit words");
+
+constexpr int64_t kAdamWChunk = 16384;
+
+// torch.optim.AdamW's step (decoupled weight decay, bias correction for `step` >= 1, no amsgrad), in fp32, over
+// every tensor of `table` (device memory, num_tensors entries) in one launch of total_chunks blocks.
+// param_dtype: kFloat32, kFloat16 or kBFloat16; grad_dtype: param_dtype or kFloat32.
+cudaError_t adamw_step(DType param_dtype, DType grad_dtype, const AdamWTensor* table, int num_tensors,
+                       int64_t total_chunks, float lr, float beta1, float beta2, float eps, float weight_decay,
+                       int64_t step, cudaStream_t stream);
 
 }  // namespace kernels
 }  // namespace gpt2fast

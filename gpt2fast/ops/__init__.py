@@ -7,13 +7,14 @@
     loss = ops.cross_entropy(logits, targets)               # fused softmax + loss + gradient
     loss = ops.linear_cross_entropy(hidden, weight, targets)  # never materialises all the logits
 
-Every op takes backend="auto" | "cuda" | "triton" | "torch"; see gpt2fast/ops/_dispatch.py. The fused AdamW
-is gpt2fast.ops.adamw.AdamW.
+Every op takes backend="auto" | "cuda" | "triton" | "torch"; see gpt2fast/ops/_dispatch.py. A backend asked for
+by name that cannot run here raises ``BackendUnavailable``. The fused AdamW is gpt2fast.ops.adamw.AdamW.
 """
-from gpt2fast.ops._dispatch import BACKENDS
+from gpt2fast.ops._dispatch import BACKENDS, BackendUnavailable
 from gpt2fast.ops.attention import attention
 from gpt2fast.ops.bias_gelu import bias_gelu
 from gpt2fast.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from gpt2fast.ops.layer_norm import layer_norm
 
-__all__ = ["BACKENDS", "attention", "bias_gelu", "cross_entropy", "layer_norm", "linear_cross_entropy"]
+__all__ = ["BACKENDS", "BackendUnavailable", "attention", "bias_gelu", "cross_entropy", "layer_norm",
+           "linear_cross_entropy"]

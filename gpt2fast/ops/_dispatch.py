@@ -13,10 +13,10 @@ the default order (Triton, then CUDA).
 
 Where no fused path can run (CPU tensors, a dtype or shape the kernels do not cover, no Triton and no CUDA
 ops) "auto" falls back to the plain-PyTorch reference with a one-time warning. Asking for "cuda" or
-"triton" explicitly where it cannot run is an error that says why. On the CPU nothing is timed: Triton runs
-there only under its interpreter (``TRITON_INTERPRET=1`` set before Triton is imported), a testing aid, so
-"auto" takes Triton first, as the tests expect. The tests check the choosing itself with an injected timer
-(``MEASURE``).
+"triton" explicitly where it cannot run raises ``BackendUnavailable``, which says why. On the CPU nothing is
+timed: Triton runs there only under its interpreter (``TRITON_INTERPRET=1`` set before Triton is imported), a
+testing aid, so "auto" takes Triton first, as the tests expect. The tests check the choosing itself with an
+injected timer (``MEASURE``).
 
 The CUDA ops are only looked for (and, on a GPU machine without a prebuilt module, compiled on first use) when
 "auto" would pick or measure them or "cuda" is asked for.
@@ -33,7 +33,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-from gpt2fast.ops import _decisions
+from gpt2fast.ops import _common, _decisions
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 _warned: set = set()
@@ -45,21 +45,16 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _probe_triton() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install
-        return f"Triton is not importable ({type(e).__name__}: {e}); pip install triton"
-    return None
-
-
-_TRITON_IMPORT_ERROR = _probe_triton()  # once, at import: a plain constant is also free under torch.compile
+class BackendUnavailable(RuntimeError):
+    """backend="cuda" or "triton" was asked for where that path cannot run; the message says why and what to ask
+    for instead. A subclass of RuntimeError, what was raised before, so callers that caught that still do. The
+    benchmarks skip on this type alone: any other error from a path shows as the failure it is."""
 
 
 def triton_import_error() -> Optional[str]:
-    """None when Triton imports, else why not."""
-    return _TRITON_IMPORT_ERROR
+    """None when Triton imports, else why not (found once, at import: a plain constant, free under
+    torch.compile)."""
+    return _common.TRITON_IMPORT_ERROR
 
 
 def why_not_triton(tensors: Iterable[torch.Tensor], dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16),
@@ -100,9 +95,9 @@ def why_not_cuda(tensors: Iterable[torch.Tensor], dtypes: tuple = (torch.float32
     problem = _tensors_problem(tensors, dtypes) or extra
     if problem:
         return problem
-    from gpt2fast.ops import _cuda
+    from gpt2fast.ops import _cuda_loader
 
-    status = _cuda.cuda_ops_status()
+    status = _cuda_loader.cuda_ops_status()
     if status.module is None:
         return f"the CUDA ops are not available: {status.reason}"
     return None
@@ -117,7 +112,7 @@ def device_arch(tensors: Iterable[torch.Tensor]) -> Optional[str]:
     return None
 
 
-def preferred_order(op: str, arch: Optional[str] = None) -> Tuple[str, ...]:
+def preferred_order(op: str) -> Tuple[str, ...]:
     """The order in which "auto" tries the paths when it has no measurement: GPT2FAST_PREFER_BACKEND's path
     first, then Triton (autotuned per shape), then CUDA."""
     first = os.environ.get(PREFER_ENV) or "triton"
@@ -183,12 +178,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except Exception:  # no Triton (or a broken one): the decision is keyed without it
-        return "none"
+    return _common.triton.__version__ if _common.triton is not None else "none"
 
 
 _VERSIONS = None
@@ -283,9 +273,9 @@ def choose(op: str, backend: str, reason_not_triton: Optional[str],
         if why is None:
             return backend
         other = "triton" if backend == "cuda" else "cuda"
-        raise RuntimeError(f"{op}: the {'Triton' if backend == 'triton' else 'CUDA C++'} backend cannot run here: "
-                           f"{why}. Use backend='auto' to take the {other} path or the PyTorch reference, "
-                           f"or backend='torch'.")
+        name = "Triton" if backend == "triton" else "CUDA C++"
+        raise BackendUnavailable(f"{op}: the {name} backend cannot run here: {why}. Use backend='auto' to take "
+                                 f"the {other} path or the PyTorch reference, or backend='torch'.")
     order = preferred_order(op)
     if order[0] == "torch":
         return "torch"

@@ -7,8 +7,8 @@ The update is torch.optim.AdamW's (decoupled weight decay, bias correction, no a
 every parameter dtype, with the moments kept in fp32. On CUDA tensors with the CUDA ops available, each group
 (split by device, parameter dtype, gradient dtype and step count) is updated by one kernel launch over a table
 of its tensors; elsewhere a plain PyTorch loop (``adamw_reference_step``) does the same arithmetic, with a
-one-time warning when the CUDA path was wanted but cannot run. ``backend``: "auto", "cuda" (an error where it
-cannot run) or "torch".
+one-time warning when the CUDA path was wanted but cannot run. ``backend``: "auto", "cuda" (``BackendUnavailable``
+where it cannot run) or "torch". No Triton path: the step is one launch over a table of tensors.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Iterable, List
 import torch
 
 from gpt2fast.ops import _dispatch
+from gpt2fast.ops._common import cuda_module
 
 BACKENDS = ("auto", "cuda", "torch")
 
@@ -65,8 +66,8 @@ class AdamW(torch.optim.Optimizer):
         if reason is None:
             return "cuda"
         if self.backend == "cuda":
-            raise RuntimeError(f"AdamW: the CUDA C++ backend cannot run here: {reason}. Use backend='auto' to fall "
-                               f"back to the PyTorch loop, or backend='torch'.")
+            raise _dispatch.BackendUnavailable(f"AdamW: the CUDA C++ backend cannot run here: {reason}. Use "
+                                               f"backend='auto' to fall back to the PyTorch loop, or backend='torch'.")
         _dispatch.warn_once("adamw", reason, stacklevel=4)
         return "torch"
 
@@ -97,9 +98,7 @@ class AdamW(torch.optim.Optimizer):
             for (_, _, _, step), (ps, gs, ms, vs) in launches.items():
                 args = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], step)
                 if self._path(ps + gs) == "cuda":  # the moments are ours: allocated contiguous
-                    from gpt2fast.ops._cuda import load_cuda_ops
-
-                    load_cuda_ops().adamw_step(ps, gs, ms, vs, *args)
+                    cuda_module().adamw_step(ps, gs, ms, vs, *args)
                 else:
                     adamw_reference_step(ps, gs, ms, vs, *args)
         return loss

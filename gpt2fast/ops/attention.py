@@ -17,9 +17,11 @@ so no copy is made as long as the head dimension is contiguous. Output and gradi
 their inputs: a (B, T, H, D)-ordered input gets a (B, T, H, D)-ordered result, so transposing it back to
 (B, T, H*D) costs nothing.
 
-Paths: Triton (GPU, or CPU under TRITON_INTERPRET=1; head dims 32, 64, 128), CUDA C++ (csrc/kernels/
-attention.cu: the same algorithm on mma.m16n8k16 tensor-core instructions, sm_80 and later, fp16/bf16, head dims
-64 and 128) and the plain-PyTorch ``attention_reference``.
+This file holds all three paths, in this order: the plain-PyTorch ``attention_reference``; the dispatch
+(``attention``); the Triton kernels (GPU, or CPU under TRITON_INTERPRET=1; head dims 32, 64, 128); and the CUDA
+C++ kernels (csrc/kernels/attention.cu: the same algorithm on mma.m16n8k16 tensor-core instructions, sm_80 and
+later, fp16/bf16, head dims 64 and 128) registered as the custom operators ``torch.ops.gpt2fast.attention_fwd``
+and ``attention_bwd``.
 """
 from __future__ import annotations
 
@@ -28,15 +30,11 @@ import os
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from gpt2fast.ops import _dispatch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference path still works
-    triton = None
-    tl = None
+from gpt2fast.ops._common import cuda_module, cuda_op, device_guard, tl, triton
 
 HEAD_DIMS = (32, 64, 128)
 CUDA_HEAD_DIMS = (64, 128)
@@ -70,7 +68,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     return (probs @ v).to(q.dtype)
 
 
-# -------------------------------------------------------------------------------------------- public API
+# ----------------------------------------------------------------------------------------------- dispatch
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               backend: str = "auto") -> torch.Tensor:
     """softmax(q @ k^T / sqrt(D)) @ v over the last two dimensions of (B, H, T, D) tensors.
@@ -91,11 +89,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
 def _run(path: str, q, k, v, causal: bool) -> torch.Tensor:
     if path == "torch":
-        return attention_reference(q, k, v, causal)
+        # PyTorch's own fused attention: the peer "auto" measures ours against, and the fast path on a CPU.
+        # The float64 tests compare every path with attention_reference, written out in plain matmuls.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if path == "cuda":
-        from gpt2fast.ops import _cuda_library
-
-        return _cuda_library.attention(q, k, v, causal)
+        return _cuda_attention(q, k, v, causal)
     return _FlashAttentionFn.apply(q, k, v, causal)
 
 
@@ -140,9 +138,23 @@ def _why_not_cuda(q, k, v) -> Optional[str]:
     return _dispatch.why_not_cuda((q, k, v), dtypes=(torch.float16, torch.bfloat16), extra=extra)
 
 
-# ----------------------------------------------------------------------------------------------- autograd
+# ---------------------------------------------------------------------------------------------- layouts
+def _stored_bthd(t: Tensor) -> bool:
+    """Whether the (B, H, T, D) tensor ``t`` is (a view of) one stored in (B, T, H, D) order."""
+    return t.shape[1] > 1 and t.shape[2] > 1 and t.stride(1) < t.stride(2)
 
 
+def empty_attention_like(t: Tensor) -> Tensor:
+    """An empty (B, H, T, D) tensor stored (B, T, H, D) when ``t`` is (a view of) that order, so that the
+    caller's transpose back to (B, T, H*D) is free; contiguous (B, H, T, D) otherwise. Both paths lay out their
+    outputs and gradients so (the binding too: csrc/bindings/cuda_ops.cpp)."""
+    B, H, T, D = t.shape
+    if _stored_bthd(t):
+        return t.new_empty((B, T, H, D)).transpose(1, 2)
+    return t.new_empty((B, H, T, D))
+
+
+# ============================================================================================ Triton path
 class _FlashAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal):
@@ -163,15 +175,6 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _empty_like_layout(t: torch.Tensor) -> torch.Tensor:
-    """An empty (B, H, T, D) tensor stored (B, T, H, D) when ``t`` is (a view of) that order, so that the
-    caller's transpose back to (B, T, H*D) is free; plain contiguous (B, H, T, D) otherwise."""
-    B, H, T, D = t.shape
-    if H > 1 and T > 1 and t.stride(1) < t.stride(2):
-        return torch.empty(B, T, H, D, dtype=t.dtype, device=t.device).transpose(1, 2)
-    return torch.empty(B, H, T, D, dtype=t.dtype, device=t.device)
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: exact fp32 products (tf32 would lose the flash-rule comparison against torch fp32).
     # fp16/bf16: tensor cores; the setting does not apply. See _dot for "bf16-emulated".
@@ -182,18 +185,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _t_bucket(T: int) -> int:
     # Autotuning is keyed on the next power of two of T, so generation with a growing T tunes only a few times.
     return triton.next_power_of_2(max(T, 16))
@@ -202,7 +193,7 @@ def _t_bucket(T: int) -> int:
 def _flash_forward(q, k, v, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, T, D = q.shape
-    o = _empty_like_layout(q)
+    o = empty_attention_like(q)
     lse = torch.empty(B * H, T, dtype=torch.float32, device=q.device)  # base-2 log-sum-exp of scaled scores
     if o.numel() == 0:
         return o, lse
@@ -212,7 +203,7 @@ def _flash_forward(q, k, v, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             H, T, _t_bucket(T), scale_log2)
     meta = dict(HEAD_DIM=D, CAUSAL=causal, DOT_PREC=_dot_precision(q.dtype))
-    with _device_guard(q):
+    with device_guard(q):
         if _dispatch.triton_interpreting():
             bm, bn = INTERPRETER_BLOCKS["fwd"]
             _attn_fwd_fixed[(triton.cdiv(T, bm), B * H)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
@@ -227,7 +218,7 @@ def _flash_backward(do, q, k, v, o, lse, causal: bool):
     do = _last_dim_contiguous(do)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, T, D = q.shape
-    dq, dk, dv = _empty_like_layout(q), _empty_like_layout(k), _empty_like_layout(v)
+    dq, dk, dv = empty_attention_like(q), empty_attention_like(k), empty_attention_like(v)
     if q.numel() == 0:
         return dq, dk, dv
     delta = torch.empty(B * H, T, dtype=torch.float32, device=q.device)
@@ -236,7 +227,7 @@ def _flash_backward(do, q, k, v, o, lse, causal: bool):
     meta = dict(HEAD_DIM=D, CAUSAL=causal, DOT_PREC=_dot_precision(q.dtype))
     strides_qkv_do = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                       v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    with _device_guard(q):
+    with device_guard(q):
         block = INTERPRETER_BLOCKS["delta"] if interpreting else 128
         _attn_bwd_delta_kernel[(triton.cdiv(T, block), B * H)](
             o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -677,3 +668,69 @@ if triton is not None:
         _attn_bwd_dkdv_fixed)
     _attn_bwd_dq_tuned = triton.autotune(configs=_configs("dq"), key=_TUNE_KEY,
                                          prune_configs_by={"early_config_prune": _pruner("dq")})(_attn_bwd_dq_fixed)
+
+
+# ============================================================================================== CUDA path
+# The binding's functions (csrc/bindings/cuda_ops.cpp, attention section) as custom operators, with fakes giving
+# the binding's output metadata (for tracing) and the forward's backward.
+def attention_ready(t: Tensor) -> Tensor:
+    """``t`` when the kernels can read it in place (unit stride along D, rows in 16-byte chunks: B, H, T strides
+    and the storage offset multiples of 8 elements), else a packed copy."""
+    if t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:3]) and t.storage_offset() % 8 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _laid_out_like(result: Tensor, like: Tensor) -> Tensor:
+    """``result`` in the layout ``empty_attention_like(like)`` promises (the fake's), copied if a packed input
+    gave it another one."""
+    if _stored_bthd(result) == _stored_bthd(like):  # the usual case: no allocation, no copy
+        return result
+    return empty_attention_like(like).copy_(result)
+
+
+# The readiness checks and copies happen inside the operators, where torch.compile does not trace them (it
+# cannot trace storage_offset()); the outputs keep the layout of the caller's tensors either way.
+def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tuple[Tensor, Tensor]:
+    o, lse = cuda_module().attention_forward(attention_ready(q), attention_ready(k), attention_ready(v), causal)
+    return _laid_out_like(o, q), lse
+
+
+def _attention_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                        causal: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = cuda_module().attention_backward(*(attention_ready(t) for t in (do, q, k, v, o)), lse, causal)
+    return _laid_out_like(dq, q), _laid_out_like(dk, k), _laid_out_like(dv, v)
+
+
+attention_fwd = cuda_op("attention_fwd")(_attention_fwd_impl)
+attention_bwd = cuda_op("attention_bwd")(_attention_bwd_impl)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, causal):
+    return empty_attention_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, o, lse, causal):
+    return empty_attention_like(q), empty_attention_like(k), empty_attention_like(v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, causal = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal = causal
+
+
+def _attention_backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.causal)
+    return dq, dk, dv, None
+
+
+attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def _cuda_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    return attention_fwd(q, k, v, causal)[0]

@@ -7,32 +7,31 @@ activation: one read of x and one write of the output, computed in fp32 in regis
 x and the incoming gradient once, writes dx, and reduces dbias over the rows as per-program partial sums that
 a second kernel adds up in a fixed order (deterministic, no atomics).
 
-Paths: Triton (GPU, or CPU under TRITON_INTERPRET=1) and the plain-PyTorch ``bias_gelu_reference``.
+This file holds all three paths, in this order: the plain-PyTorch ``bias_gelu_reference``; the dispatch
+(``bias_gelu``); the Triton kernels (GPU, or CPU under TRITON_INTERPRET=1); and the CUDA C++ kernels
+(csrc/kernels/bias_gelu.cu) registered as the custom operators ``torch.ops.gpt2fast.bias_gelu_fwd`` and
+``bias_gelu_bwd``.
 """
 from __future__ import annotations
 
-import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from gpt2fast.ops import _dispatch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference path still works
-    triton = None
-    tl = None
+from gpt2fast.ops import _common, _dispatch
+from gpt2fast.ops._common import cuda_module, cuda_op, tl, triton
 
 
+# ---------------------------------------------------------------------------------------------- reference
 def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Plain PyTorch: ``F.gelu(x + bias, approximate="tanh")``, in x's dtype."""
     _check_args(x, bias)
     return F.gelu(x + bias, approximate="tanh").to(x.dtype)
 
 
+# ----------------------------------------------------------------------------------------------- dispatch
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """tanh-approximation GELU of ``x + bias`` (bias of shape (x.shape[-1],)); output in x's dtype.
 
@@ -51,9 +50,7 @@ def _run(path: str, x, bias) -> torch.Tensor:
     if path == "torch":
         return bias_gelu_reference(x, bias)
     if path == "cuda":
-        from gpt2fast.ops import _cuda_library
-
-        return _cuda_library.bias_gelu(x, bias)
+        return _cuda_bias_gelu(x, bias)
     return _BiasGeluFn.apply(x, bias)
 
 
@@ -80,18 +77,7 @@ def _why_not_cuda(x: torch.Tensor, bias: torch.Tensor) -> Optional[str]:
     return _dispatch.why_not_cuda([x, bias], extra=extra)
 
 
-# ------------------------------------------------------------------------------------------- launch config
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _programs_target(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4  # the interpreter runs programs one after another: fewer, bigger ones are faster
-
-
+# ============================================================================================ Triton path
 def _floor_power_of_2(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
@@ -191,7 +177,7 @@ def _backward(x2: torch.Tensor, bias: torch.Tensor, dy2: torch.Tensor):
     block_m, block_n = _tile(rows, width, 2048)
     col_blocks = triton.cdiv(width, block_n)
     row_tiles = triton.cdiv(rows, block_m)
-    groups_wanted = max(1, _programs_target(x2.device) // col_blocks)
+    groups_wanted = max(1, _common.programs_target(x2.device) // col_blocks)
     tiles_per_program = _floor_power_of_2(max(1, row_tiles // groups_wanted))
     groups = triton.cdiv(row_tiles, tiles_per_program)
     partial = torch.empty((groups, width), dtype=torch.float32, device=x2.device)
@@ -219,3 +205,46 @@ class _BiasGeluFn(torch.autograd.Function):
         x2, bias = ctx.saved_tensors
         dx, db = _backward(x2, bias, dy.contiguous().view(-1, x2.shape[-1]))
         return dx.view(dy.shape), db
+
+
+# ============================================================================================== CUDA path
+# The binding's functions (csrc/bindings/cuda_ops.cpp, bias + GELU section) as custom operators, with fakes
+# giving the binding's output metadata (for tracing) and the forward's backward.
+def _bias_gelu_fwd_impl(x: Tensor, bias: Tensor) -> Tensor:
+    return cuda_module().bias_gelu_forward(x, bias)
+
+
+def _bias_gelu_bwd_impl(x: Tensor, bias: Tensor, dy: Tensor) -> Tuple[Tensor, Tensor]:
+    dx, db = cuda_module().bias_gelu_backward(x, bias, dy)
+    return dx, db
+
+
+bias_gelu_fwd = cuda_op("bias_gelu_fwd")(_bias_gelu_fwd_impl)
+bias_gelu_bwd = cuda_op("bias_gelu_bwd")(_bias_gelu_bwd_impl)
+
+
+@bias_gelu_fwd.register_fake
+def _(x, bias):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@bias_gelu_bwd.register_fake
+def _(x, bias, dy):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bias)
+
+
+def _bias_gelu_setup(ctx, inputs, output):
+    x, bias = inputs
+    ctx.save_for_backward(x, bias)
+
+
+def _bias_gelu_backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    return bias_gelu_bwd(x, bias, dy.contiguous())
+
+
+bias_gelu_fwd.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup)
+
+
+def _cuda_bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
+    return bias_gelu_fwd(x.contiguous(), bias.contiguous())

@@ -31,6 +31,11 @@ Targets are checked on the host (one small reduction and one device sync per cal
 skips the check (no sync); the kernels then never read out of bounds, and such a row's loss and gradient are
 nan, so a bad target still shows. (The torch path has no such guard: F.cross_entropy raises, or on CUDA
 trips a device-side assert.)
+
+This file holds all three paths, in this order: the plain-PyTorch references; the dispatch; the Triton kernels;
+the autograd functions (linear_cross_entropy's runs any of the three per chunk); and the CUDA C++ kernels
+(csrc/kernels/cross_entropy.cu) registered as the custom operators ``torch.ops.gpt2fast.cross_entropy_mean``,
+``cross_entropy_rows``, ``cross_entropy_grad`` and ``cross_entropy_grad_``.
 """
 from __future__ import annotations
 
@@ -39,15 +44,10 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from gpt2fast.ops import _dispatch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference path still works
-    triton = None
-    tl = None
+from gpt2fast.ops._common import cuda_module, cuda_op, tl, triton
 
 __all__ = ["cross_entropy", "cross_entropy_reference", "default_chunk_size", "linear_cross_entropy",
            "linear_cross_entropy_reference"]
@@ -80,7 +80,7 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
     return cross_entropy_reference(hidden @ weight.T, targets, ignore_index)
 
 
-# ------------------------------------------------------------------------------------------- public API
+# ----------------------------------------------------------------------------------------------- dispatch
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, backend: str = "auto",
                   *, validate: bool = True) -> torch.Tensor:
     """Mean cross-entropy of ``logits`` (..., V) against class indices ``targets`` (...), as an fp32 scalar.
@@ -117,13 +117,14 @@ def _run_cross_entropy(path: str, logits: torch.Tensor, targets: torch.Tensor, i
     if t.dtype != torch.int64:
         t = t.to(torch.int64)
     if path == "cuda":
-        from gpt2fast.ops import _cuda_library
-
-        return _cuda_library.cross_entropy(x, t, ignore_index)
+        return _cuda_cross_entropy(x, t, ignore_index)
     return _CrossEntropyFn.apply(x, t, ignore_index)
 
 
-def default_chunk_size(n_rows: int, n_classes: int, hidden_size: int) -> int:
+CPU_CHUNK_BYTES = 1 << 30
+
+
+def default_chunk_size(n_rows: int, n_classes: int, hidden_size: int, device_type: str = "cuda") -> int:
     """Rows per chunk of ``linear_cross_entropy``: a chunk's logits about as big as the larger of ``hidden``
     and the fp32 grad_weight accumulator, rounded up to a power of two and capped at n_rows.
 
@@ -135,6 +136,11 @@ def default_chunk_size(n_rows: int, n_classes: int, hidden_size: int) -> int:
     bf16 logits each, against 1.65 GB for all the logits (and 3.3 GB more for their fp32 copy, the stock way)."""
     n_chunks = max(1, math.ceil(n_classes / max(1, hidden_size)))
     rows = max(1, math.ceil(n_rows / n_chunks), 2 * hidden_size)
+    if device_type == "cpu":
+        # Host memory is plentiful and there is no launch to amortise, but every extra chunk re-reads the
+        # weight and the grad_weight accumulator: one chunk, as the stock way holds all the logits, up to
+        # CPU_CHUNK_BYTES of fp32 logits.
+        rows = max(rows, CPU_CHUNK_BYTES // (4 * max(1, n_classes)))
     return max(1, min(n_rows, 1 << (rows - 1).bit_length()))
 
 
@@ -162,7 +168,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"linear_cross_entropy: chunk_size must be a positive integer, got {chunk_size!r}")
     reason = _dispatch.why_not_triton([hidden, weight, targets], extra=_shape_problem(n_classes))
     ignore_index = int(ignore_index)
-    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(targets.numel(), n_classes, width)
+    chunk = int(chunk_size) if chunk_size is not None else \
+        default_chunk_size(targets.numel(), n_classes, width, hidden.device.type)
     path = _dispatch.choose("linear_cross_entropy", backend, reason,
                             lambda: _dispatch.why_not_cuda([hidden, weight, targets], extra=_shape_problem(n_classes)),
                             (hidden, weight, targets),
@@ -248,7 +255,20 @@ def _shape_problem(n_classes: int) -> Optional[str]:
     return None
 
 
-# ------------------------------------------------------------------------------------------- launch config
+def _grad_like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of x's shape, dtype and row stride (so rows align as x's do): the layout of the
+    logits' gradient on both fused paths (the binding's too)."""
+    if x.shape[0] <= 1 or x.stride(0) == x.shape[1]:
+        return x.new_empty(x.shape)
+    return x.new_empty_strided(x.shape, (x.stride(0), 1))
+
+
+def _count_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Rows that count, as an fp32 device scalar (no sync)."""
+    return (targets != ignore_index).sum(dtype=torch.float32)
+
+
+# ============================================================================================ Triton path
 def _block(n_classes: int, cap: int) -> int:
     return min(triton.next_power_of_2(n_classes), cap)
 
@@ -372,13 +392,6 @@ def _launch_forward(x: torch.Tensor, targets: torch.Tensor, ignore_index: int,
     return loss, lse
 
 
-def _grad_like(x: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor of x's shape, dtype and row stride (so rows align as x's do)."""
-    if x.stride(0) == x.shape[1] or x.shape[0] <= 1:
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return torch.empty_strided(x.shape, (x.stride(0), 1), dtype=x.dtype, device=x.device)
-
-
 def _launch_backward(x: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
                      ignore_index: int, out: torch.Tensor, block: Optional[int] = None,
                      num_warps: Optional[int] = None) -> torch.Tensor:
@@ -392,11 +405,6 @@ def _launch_backward(x: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, 
                                 **_walk(n_classes, x.element_size(), block),
                                 num_warps=num_warps or _num_warps(block))
     return out
-
-
-def _count_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Rows that count, as an fp32 device scalar (no sync)."""
-    return (targets != ignore_index).sum(dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------ autograd
@@ -420,18 +428,26 @@ class _CrossEntropyFn(torch.autograd.Function):
 
 def _chunk_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, scale: torch.Tensor,
                  want_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Plain-torch loss sum and d_logits (softmax - onehot) * scale of one chunk, fp32 inside."""
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
+    """Plain-torch loss sum and d_logits (softmax - onehot) * scale of one chunk, fp32 inside.
+
+    In place on the chunk's fp32 logits (a copy for fp16/bf16; the fp32 logits themselves otherwise: they are
+    this chunk's own and dead afterwards), so the (rows, V) block is swept a few times and never reallocated:
+    on a CPU, where this path runs, those sweeps are what the loss costs beside its matmuls."""
+    x = logits if logits.dtype == torch.float32 else logits.float()
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0)
-    loss_sum = torch.where(valid, lse - x.gather(1, safe[:, None]).squeeze(1), 0.0).sum()
+    picked = x.gather(1, safe[:, None]).squeeze(1)
+    peak = x.amax(dim=1)
+    x.sub_(peak[:, None]).exp_()
+    total = x.sum(dim=1)
+    lse = peak + total.log()
+    loss_sum = torch.where(valid, lse - picked, 0.0).sum()
     if not want_grad:
         return loss_sum, None
-    p = torch.exp(x - lse[:, None])
-    p[torch.arange(p.shape[0], device=p.device), safe] -= 1.0
-    p.mul_(torch.where(valid, scale, 0.0)[:, None])
-    return loss_sum, p.to(logits.dtype)
+    weight = torch.where(valid, scale, 0.0)
+    x.mul_((weight / total)[:, None])
+    x[torch.arange(x.shape[0], device=x.device), safe] -= weight
+    return loss_sum, x.to(logits.dtype)
 
 
 _FUSED_FP32_ADDMM = {}  # device type -> whether torch.addmm(out_dtype=float32) works there
@@ -477,18 +493,16 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None  # chunks contiguous
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-        if path == "cuda":
-            from gpt2fast.ops import _cuda_library
         for start in range(0, rows, chunk):
             h_c = h[start:start + chunk]
             t_c = targets[start:start + chunk]
             logits = h_c @ weight.T  # (chunk, V), input dtype: the only logits that ever exist
             if path == "cuda":
-                loss_rows, lse = _cuda_library.cross_entropy_rows(logits, t_c, ignore_index)
+                loss_rows, lse = cross_entropy_rows(logits, t_c, ignore_index)
                 loss_sum += loss_rows.sum()
                 d_logits = None
                 if want_grads:
-                    _cuda_library.cross_entropy_grad_(logits, t_c, lse, scale, ignore_index)
+                    cross_entropy_grad_(logits, t_c, lse, scale, ignore_index)
                     d_logits = logits
             elif path == "triton":
                 loss_rows, lse = _launch_forward(logits, t_c, ignore_index)
@@ -515,3 +529,76 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         dh = (grad_h * g).to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * g).to(grad_w.dtype) if grad_w is not None else None
         return dh, dw, None, None, None, None, None
+
+
+# ============================================================================================== CUDA path
+# The binding's functions (csrc/bindings/cuda_ops.cpp, cross-entropy section) as custom operators, with fakes
+# giving the binding's output metadata (for tracing); cross_entropy_mean has its backward registered, the rest
+# are linear_cross_entropy's per-chunk steps (its autograd function above does the chain rule itself).
+def _cross_entropy_mean_impl(logits: Tensor, targets: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
+    loss_rows, lse = cuda_module().cross_entropy_forward(logits, targets, ignore_index)
+    n_valid = _count_valid(targets, ignore_index)
+    return loss_rows.sum() / n_valid, lse, n_valid  # 0/0 = nan when every row is ignored, as in PyTorch
+
+
+def _cross_entropy_rows_impl(logits: Tensor, targets: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    loss_rows, lse = cuda_module().cross_entropy_forward(logits, targets, ignore_index)
+    return loss_rows, lse
+
+
+def _cross_entropy_grad_impl(logits: Tensor, targets: Tensor, lse: Tensor, scale: Tensor,
+                             ignore_index: int) -> Tensor:
+    return cuda_module().cross_entropy_backward(logits, targets, lse, scale, ignore_index)
+
+
+def _cross_entropy_grad_inplace_impl(logits: Tensor, targets: Tensor, lse: Tensor, scale: Tensor,
+                                     ignore_index: int) -> None:
+    cuda_module().cross_entropy_backward(logits, targets, lse, scale, ignore_index, logits)
+
+
+cross_entropy_mean = cuda_op("cross_entropy_mean")(_cross_entropy_mean_impl)
+cross_entropy_rows = cuda_op("cross_entropy_rows")(_cross_entropy_rows_impl)
+cross_entropy_grad = cuda_op("cross_entropy_grad")(_cross_entropy_grad_impl)
+cross_entropy_grad_ = cuda_op("cross_entropy_grad_", mutates_args=("logits",))(_cross_entropy_grad_inplace_impl)
+
+
+@cross_entropy_mean.register_fake
+def _(logits, targets, ignore_index):
+    scalar = logits.new_empty((), dtype=torch.float32)
+    return scalar, logits.new_empty((logits.shape[0],), dtype=torch.float32), torch.empty_like(scalar)
+
+
+@cross_entropy_rows.register_fake
+def _(logits, targets, ignore_index):
+    rows = logits.new_empty((logits.shape[0],), dtype=torch.float32)
+    return rows, torch.empty_like(rows)
+
+
+@cross_entropy_grad.register_fake
+def _(logits, targets, lse, scale, ignore_index):
+    return _grad_like(logits)
+
+
+@cross_entropy_grad_.register_fake
+def _(logits, targets, lse, scale, ignore_index):
+    return None
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    logits, targets, ignore_index = inputs
+    _loss, lse, n_valid = output
+    ctx.save_for_backward(logits, targets, lse, n_valid)
+    ctx.ignore_index = ignore_index
+
+
+def _cross_entropy_backward(ctx, dloss, _dlse, _dn):
+    logits, targets, lse, n_valid = ctx.saved_tensors
+    scale = (dloss.float() / n_valid).reshape(1)
+    return cross_entropy_grad(logits, targets, lse, scale, ctx.ignore_index), None, None
+
+
+cross_entropy_mean.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
+
+
+def _cuda_cross_entropy(logits2d: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+    return cross_entropy_mean(logits2d, targets, ignore_index)[0]

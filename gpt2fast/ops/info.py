@@ -77,13 +77,13 @@ def triton_facts() -> Tuple[str, Optional[str]]:
 
 
 def nvcc_facts() -> str:
-    from gpt2fast.ops import _cuda
+    from gpt2fast.ops import _cuda_loader
 
-    nvcc = _cuda.nvcc_path()
+    nvcc = _cuda_loader.nvcc_path()
     if nvcc is None:
         return "not found (CUDA_HOME unset and no nvcc on PATH)"
     try:
-        release = _cuda.nvcc_release(nvcc)
+        release = _cuda_loader.nvcc_release(nvcc)
         archs = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=30).stdout.split()
         archs = [a.replace("compute_", "sm_") for a in archs]
         span = f"; builds {archs[0]} .. {archs[-1]}" if archs else ""
@@ -94,9 +94,9 @@ def nvcc_facts() -> str:
 
 def cuda_ops_facts(build: bool):
     """(description, status) of the CUDA ops extension; compiles it only when ``build``."""
-    from gpt2fast.ops import _cuda
+    from gpt2fast.ops import _cuda_loader
 
-    status = _cuda.cuda_ops_status(load=build)
+    status = _cuda_loader.cuda_ops_status(load=build)
     if status.module is not None:
         where = "built at install time (AOT)" if status.how == "aot" else "compiled on first use (JIT, cached)"
         archs = _safe(lambda: status.module.compiled_architectures(), "unknown")
@@ -177,7 +177,7 @@ def report(build: bool = False) -> Tuple[str, bool]:
     facts.append(("nvcc", _safe(nvcc_facts)))
     cuda = _safe(lambda: cuda_ops_facts(build), None)
     if cuda is None or isinstance(cuda, str):
-        from gpt2fast.ops._cuda import CudaOpsStatus
+        from gpt2fast.ops._cuda_loader import CudaOpsStatus
 
         cuda = (f"probe failed: {cuda}", CudaOpsStatus(None, None, "the probe failed"))
     facts.append(("CUDA ops extension", cuda[0]))

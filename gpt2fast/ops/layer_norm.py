@@ -11,25 +11,21 @@ Backward fuses three things: the LayerNorm input gradient, the gradient arriving
 residual stream) added onto it, and per-program partial sums of dweight and dbias that a second kernel adds
 up in a fixed order, so the parameter gradients are deterministic (no atomics).
 
-Paths: Triton (GPU, or CPU under TRITON_INTERPRET=1), CUDA C++ (csrc/kernels/layer_norm.cu) and the
-plain-PyTorch ``layer_norm_reference``.
+This file holds all three paths, in this order: the plain-PyTorch ``layer_norm_reference``; the dispatch
+(``layer_norm``); the Triton kernels (GPU, or CPU under TRITON_INTERPRET=1); and the CUDA C++ kernels
+(csrc/kernels/layer_norm.cu) registered as the custom operators ``torch.ops.gpt2fast.layer_norm_fwd``,
+``add_layer_norm_fwd`` and ``layer_norm_bwd``.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from gpt2fast.ops import _dispatch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the reference path still works
-    triton = None
-    tl = None
+from gpt2fast.ops import _common, _dispatch
+from gpt2fast.ops._common import cuda_module, cuda_op, tl, triton
 
 # A row lives in registers as one power-of-two block. Compiled for sm_90, the backward kernel (which also
 # carries weight, dweight and dbias rows) starts spilling past 8192 columns and spills kilobytes per thread
@@ -39,6 +35,7 @@ MAX_WIDTH = 16384
 Output = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
+# ---------------------------------------------------------------------------------------------- reference
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          residual: Optional[torch.Tensor] = None, eps: float = 1e-5) -> Output:
     """Plain PyTorch: ``F.layer_norm(x + residual)``; returns y, or (y, h) when a residual is given."""
@@ -49,6 +46,7 @@ def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return F.layer_norm(h, (h.shape[-1],), weight.to(h.dtype), bias.to(h.dtype), eps), h
 
 
+# ----------------------------------------------------------------------------------------------- dispatch
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor] = None,
                eps: float = 1e-5, backend: str = "auto") -> Output:
     """LayerNorm of ``x`` (or of ``h = x + residual``) over the last dimension.
@@ -72,9 +70,7 @@ def _run(path: str, x, weight, bias, residual, eps: float) -> Output:
     if path == "torch":
         return layer_norm_reference(x, weight, bias, residual, eps)
     if path == "cuda":
-        from gpt2fast.ops import _cuda_library
-
-        return _cuda_library.layer_norm(x, weight, bias, residual, eps)
+        return _cuda_layer_norm(x, weight, bias, residual, eps)
     return _LayerNormFn.apply(x, weight, bias, residual, eps)
 
 
@@ -111,34 +107,23 @@ def _why_not_cuda(tensors, x, weight, bias) -> Optional[str]:
                  f"{bias.dtype} for x of {x.dtype}")
     reason = _dispatch.why_not_cuda(tensors, extra=extra)
     if reason is None:
-        from gpt2fast.ops._cuda import load_cuda_ops
-
-        limit = load_cuda_ops().layer_norm_max_width()
+        limit = cuda_module().layer_norm_max_width()
         if x.shape[-1] > limit:
             reason = f"the width {x.shape[-1]} exceeds the CUDA kernel's limit of {limit}"
     return reason
 
 
-# ------------------------------------------------------------------------------------------- launch config
+# ============================================================================================ Triton path
 def _num_warps(block: int) -> int:
     # At most about sixteen values of a row per thread: GPT-2 small's 768 (block 1024) gets four warps,
     # XL's 1600 (block 2048) eight.
     return 32 if block >= 16384 else 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _backward_programs(rows: int, device: torch.device) -> int:
-    """Programs of the backward kernel, each owning a contiguous run of rows and one partial-sum row.
-
-    A few per SM keeps every SM busy while the partial sums (programs x width, fp32) stay a small fraction of
-    the traffic; under the interpreter the programs run one after another, so fewer is faster."""
-    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
-    return max(1, min(rows, target))
+    """Programs of the backward kernel, each owning a contiguous run of rows and one partial-sum row: a few per
+    SM (``programs_target``), while the partial sums (programs x width, fp32) stay a small share of the traffic."""
+    return max(1, min(rows, _common.programs_target(device)))
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -294,3 +279,93 @@ class _LayerNormFn(torch.autograd.Function):
         if ctx.has_residual:  # h = x + residual: both receive dL/dh
             dres = dx if ctx.residual_dtype == dx.dtype else dx.to(ctx.residual_dtype)
         return dx, dw, db, dres, None
+
+
+# ============================================================================================== CUDA path
+# The binding's functions (csrc/bindings/cuda_ops.cpp, LayerNorm section) as custom operators, each with a fake
+# giving the binding's output metadata (for tracing) and, for the forward ones, its backward.
+def _layer_norm_fwd_impl(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    y, _, mean, rstd = cuda_module().layer_norm_forward(x, weight, bias, None, eps)
+    return y, mean, rstd
+
+
+def _add_layer_norm_fwd_impl(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
+                             eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, h, mean, rstd = cuda_module().layer_norm_forward(x, weight, bias, residual, eps)
+    return y, h, mean, rstd
+
+
+def _layer_norm_bwd_impl(h: Tensor, dy: Tensor, dh: Optional[Tensor], weight: Tensor, mean: Tensor,
+                         rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = cuda_module().layer_norm_backward(h, dy, dh, weight, mean, rstd)
+    return dx, dw, db
+
+
+layer_norm_fwd = cuda_op("layer_norm_fwd")(_layer_norm_fwd_impl)
+add_layer_norm_fwd = cuda_op("add_layer_norm_fwd")(_add_layer_norm_fwd_impl)
+layer_norm_bwd = cuda_op("layer_norm_bwd")(_layer_norm_bwd_impl)
+
+
+def _stats_like(x: Tensor) -> Tensor:
+    """One fp32 value per row (mean or rstd), as the binding returns them."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty((rows,), dtype=torch.float32)
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), _stats_like(x), _stats_like(x)
+
+
+@add_layer_norm_fwd.register_fake
+def _(x, weight, bias, residual, eps):
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return y, torch.empty_like(y), _stats_like(x), _stats_like(x)
+
+
+@layer_norm_bwd.register_fake
+def _(h, dy, dh, weight, mean, rstd):
+    return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(weight), \
+        torch.empty_like(weight)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, _bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = layer_norm_bwd(x, dy.contiguous(), None, weight, mean, rstd)
+    return dx, dw, db, None
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    _x, weight, _bias, _residual, _eps = inputs
+    _y, h, mean, rstd = output
+    ctx.save_for_backward(h, weight, mean, rstd)
+
+
+def _add_layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
+    # h = x + residual, y = LN(h): x and the residual both receive dL/dh = LN'(dy) + dh.
+    h, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = layer_norm_bwd(h, dy.contiguous(), dh.contiguous(), weight, mean, rstd)
+    return dx, dw, db, dx, None
+
+
+layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
+
+
+def _cuda_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], eps: float) -> Output:
+    """y, or (y, h) with a residual, as ``layer_norm`` returns them (h in x's dtype), through the operators."""
+    weight, bias = weight.contiguous(), bias.contiguous()
+    if residual is None:
+        return layer_norm_fwd(x.contiguous(), weight, bias, eps)[0]
+    if residual.dtype != x.dtype:
+        # The kernel adds two tensors of one dtype. Under autocast the stream arrives in fp32 beside a bf16
+        # sublayer output; h is x's dtype anyway, and autograd carries dresidual back through the cast.
+        residual = residual.to(x.dtype)
+    y, h, _, _ = add_layer_norm_fwd(x.contiguous(), weight, bias, residual.contiguous(), eps)
+    return y, h

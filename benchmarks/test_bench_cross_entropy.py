@@ -1,6 +1,6 @@
 """Cross-entropy benchmarks on the GPU: gpt2fast.ops against the stock PyTorch ways, in the same run.
 
-    pytest benchmarks/test_bench_ops_cross_entropy.py --benchmark-only -s
+    pytest benchmarks/test_bench_cross_entropy.py --benchmark-only -s
 
 GPT-2's loss at batch 16 x 1024 tokens: bf16 logits 16384 x 50257.
   cross_entropy, forward + backward: ours (triton) and ours (cuda) vs ``F.cross_entropy(logits.float(), t)``

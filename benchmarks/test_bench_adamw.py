@@ -1,7 +1,7 @@
 """GPU benchmark of the fused AdamW step (gpt2fast.ops.adamw.AdamW, one CUDA launch per parameter group) against
 torch.optim.AdamW's fused and foreach implementations, on GPT-2 124M's parameters in fp32.
 
-    pytest benchmarks/test_bench_ops_adamw.py --benchmark-only -s
+    pytest benchmarks/test_bench_adamw.py --benchmark-only -s
 
 The parameters are those of gpt2fast's GPT-2 small (124M, padded vocabulary), in nanoGPT's two groups (weight
 decay on matrices only), with random gradients. One optimizer step moves 28 bytes per parameter: read the

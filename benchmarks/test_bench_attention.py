@@ -2,7 +2,7 @@
 PyTorch's ``F.scaled_dot_product_attention(is_causal=True)`` (flash / cuDNN / memory-efficient, whichever it
 picks), in the same run. SDPA is the peer: torch.compile of it calls the same kernels.
 
-    pytest benchmarks/test_bench_ops_attention.py --benchmark-only -s
+    pytest benchmarks/test_bench_attention.py --benchmark-only -s
 
 bf16, causal, head dim 64, at GPT-2 small's shape (B 16, H 12, T 1024) and a longer one (B 8, H 16, T 2048):
 forward alone and forward + backward. Goal: ours no slower than SDPA in both (on an H100: SDPA 0.086 ms

@@ -1,6 +1,6 @@
-"""Finding gpt2fast's CUDA C++ ops (csrc/kernels, bound in csrc/bindings/cuda_ops.cpp) for this machine.
+"""Loading gpt2fast's CUDA C++ ops (csrc/kernels, bound in csrc/bindings/cuda_ops.cpp) on this machine.
 
-    from gpt2fast.ops._cuda import load_cuda_ops, cuda_ops_status
+    from gpt2fast.ops._cuda_loader import load_cuda_ops, cuda_ops_status
     ops = load_cuda_ops()          # the extension module, or None
     status = cuda_ops_status()     # .how ("aot" | "jit" | None) and .reason (why not, when None)
 
@@ -11,7 +11,8 @@ it); else None, with the reason. ``GPT2FAST_NO_CUDA_JIT=1`` turns the first-use 
 
 Nothing here raises: not at import (this module imports nothing heavy) and not from ``load_cuda_ops``, which
 reports a failed import or compile as the reason instead. The op dispatchers (gpt2fast/ops/_dispatch.py) load it
-when backend="cuda" is asked for, or when "auto" prefers the CUDA path for an op.
+when backend="cuda" is asked for, or when "auto" would measure or take the CUDA path for an op; the ops' custom
+operators reach it through gpt2fast.ops._common.cuda_module.
 """
 from __future__ import annotations
 
@@ -72,11 +73,6 @@ def cuda_ops_status(load: bool = True, verbose: bool = False) -> CudaOpsStatus:
         module, error = _compile(verbose)
         _status = CudaOpsStatus(module, "jit" if module is not None else None, error)
         return _status
-
-
-def aot_import_error() -> Optional[str]:
-    """None when the ahead-of-time module imports, else why not."""
-    return _import_aot()[1]
 
 
 def _import_aot():

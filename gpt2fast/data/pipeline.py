@@ -1,0 +1,425 @@
+"""``prepare``: raw text through the stages of docs/data.md into a folder of shards, with its manifest and funnel.
+
+A document at a time, so memory stays flat in the input size; the output folder is only ever finished (a
+manifest, written last) or visibly unfinished (none), so a crash never leaves data that looks whole.
+
+(Not named ``prepare.py``: ``gpt2fast.data.prepare`` is this module's function, and a submodule of the same
+name would be shadowed by it in the package.)"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from gpt2fast._io import write_atomic
+from gpt2fast.data.clean import Words, clean_text, host_excluded, quality_problem, url_host
+from gpt2fast.data.dedup import ExactDuplicates, NearDuplicates, text_hash
+from gpt2fast.data.funnel import funnel_plot_png, funnel_table
+from gpt2fast.data.options import PrepareOptions
+from gpt2fast.data.shards import (
+    FUNNEL_PNG,
+    HEADER_BYTES,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    MAX_VOCAB,
+    SHARD_MAGIC,
+    SHARD_VERSION,
+    SPLITS,
+    TOKEN_DTYPE,
+    PathLike,
+    ShardError,
+    ShardWriter,
+    as_uint16,
+    check_vocabulary,
+    read_manifest,
+    read_shard_header,
+)
+from gpt2fast.errors import DataError
+from gpt2fast.textio import Record, default_corpus_path, iter_files, iter_records
+
+
+def prepare(inputs: Sequence[PathLike] = (), out_dir: PathLike = "data", options: Optional[PrepareOptions] = None,
+            *, force: bool = False, tokenizer=None, log: Callable[[str], None] = print,
+            progress: Optional[bool] = None) -> dict:
+    """Run the pipeline (docs/data.md) from ``inputs`` into ``out_dir``; returns the manifest.
+
+    With no ``inputs``, the small corpus shipped in the package. ``progress``: a progress bar on stderr
+    (default: when stderr is a terminal)."""
+    options = options or PrepareOptions()
+    if tokenizer is None:
+        from gpt2fast.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.gpt2()
+    check_vocabulary(tokenizer)
+    inputs = [Path(p) for p in inputs] or [default_corpus_path()]
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, inputs)
+    input_files = _describe_inputs(inputs)
+    out_options = options.output_options()
+    fingerprint = _fingerprint(out_options, input_files, tokenizer)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / MANIFEST).exists() and not force:
+        old = _finished_like_this(out_dir, fingerprint, out_options, input_files, tokenizer)
+        log(f"{out_dir} is already prepared with these options and inputs (manifest from "
+            f"{old.get('created')}); nothing to do (--force rebuilds it)")
+        return old
+    _clear(out_dir, force, log)
+
+    started = time.time()
+    writers = {s: ShardWriter(out_dir, s, options.shard_tokens) for s in SPLITS}
+    try:
+        stages = _run_stages(inputs, options, tokenizer, writers, progress)
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "shard_version": SHARD_VERSION,
+        "shard_header": {"bytes": HEADER_BYTES, "magic": SHARD_MAGIC, "layout": "<int32 magic, int32 version, "
+                                                                                "int64 tokens>, zeros"},
+        "dtype": "uint16",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - started, 3),
+        "fingerprint": fingerprint,
+        "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.n_vocab, "eot_token": tokenizer.eot_token},
+        "options": out_options,
+        "inputs": input_files,
+        "stages": [s.as_dict() for s in stages],
+        "splits": {s: {"documents": w.documents, "tokens": w.tokens, "max_token": w.max_token,
+                       "shards": w.shards} for s, w in writers.items()},
+        "funnel_plot": FUNNEL_PNG,
+    }
+    write_atomic(out_dir / FUNNEL_PNG, funnel_plot_png(manifest))
+    write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))  # last: finished
+    log(funnel_table(manifest))
+    log(f"wrote {sum(len(v['shards']) for v in manifest['splits'].values())} shard(s), {FUNNEL_PNG} and {MANIFEST} "
+        f"to {out_dir}")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------- the output folder
+def _check_out_dir(out_dir: Path, inputs: List[Path]) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} is a file; give a folder")
+    for p in inputs:
+        if p.is_dir() and (out_dir.resolve() == p.resolve() or p.resolve() in out_dir.resolve().parents):
+            raise DataError(f"--out {out_dir} is inside the input folder {p}, whose files would be read as input "
+                            f"on the next run; choose an output folder outside it")
+
+
+def _describe_inputs(inputs: Sequence[PathLike]) -> List[dict]:
+    files = []
+    for f in iter_files(inputs):
+        st = f.stat()
+        files.append({"path": str(f.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+    if not files:
+        raise DataError(f"no input files found in {[str(p) for p in inputs]} (folders are searched for "
+                        f".txt, .jsonl, .json, .md and their .gz)")
+    return files
+
+
+def _fingerprint(options: dict, inputs: List[dict], tokenizer) -> str:
+    blob = json.dumps({"format": MANIFEST_FORMAT, "shard_version": SHARD_VERSION, "options": options,
+                       "inputs": inputs, "tokenizer": [tokenizer.name, tokenizer.n_vocab]}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _finished_like_this(out_dir: Path, fingerprint: str, out_options: dict, input_files: List[dict],
+                        tokenizer) -> dict:
+    """The manifest of a finished ``out_dir`` made with these options and inputs (a re-run is then a no-op);
+    a DataError saying what differs, or what is damaged, otherwise."""
+    old = read_manifest(out_dir)
+    if old.get("fingerprint") == fingerprint:
+        damage = _damage(out_dir, old)
+        if damage:
+            raise DataError(f"{out_dir} was prepared with these options but is damaged ({damage}); "
+                            f"pass --force to rebuild it")
+        return old
+    diffs = [f"options.{k}: {a!r} -> {b!r}" for k, a, b in _differences(old.get("options", {}), out_options)]
+    if old.get("inputs") != input_files:
+        diffs.append("inputs (files, sizes or modification times)")
+    if old.get("tokenizer", {}).get("name") != tokenizer.name:
+        diffs.append(f"tokenizer: {old.get('tokenizer', {}).get('name')!r} -> {tokenizer.name!r}")
+    raise DataError(f"{out_dir} already holds data prepared differently ({'; '.join(diffs) or 'format'}); "
+                    f"pass --force to rebuild it, or choose another --out")
+
+
+def _damage(out_dir: Path, manifest: dict) -> Optional[str]:
+    """What is wrong with a finished output folder (cheap checks: files, sizes, headers), or None."""
+    for split in manifest.get("splits", {}).values():
+        for shard in split["shards"]:
+            try:
+                if read_shard_header(out_dir / shard["file"]) != shard["tokens"]:
+                    return f"{shard['file']} holds another token count than the manifest says"
+            except ShardError as e:
+                return str(e)
+    return None
+
+
+def _differences(old: dict, new: dict) -> List[Tuple[str, object, object]]:
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+_OUR_FILES = re.compile("|".join([
+    r"(train|val)_\d{6}\.bin",
+    r"\.(train|val)_\d{6}\.bin\.tmp",  # a shard being written (ShardWriter)
+    re.escape(MANIFEST), re.escape(FUNNEL_PNG),
+    rf"\.({re.escape(MANIFEST)}|{re.escape(FUNNEL_PNG)})\..*\.tmp",  # write_atomic's temporary files
+]))
+
+
+def _our_files(out_dir: Path) -> List[Path]:
+    """What a run of ``prepare`` writes into ``out_dir`` (and nothing else there)."""
+    return sorted(p for p in out_dir.iterdir() if _OUR_FILES.fullmatch(p.name))
+
+
+def _clear(out_dir: Path, force: bool, log: Callable[[str], None]) -> None:
+    """Remove what an earlier run left, manifest first, so the folder never looks finished while we rebuild."""
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    leftovers = _our_files(out_dir)
+    for p in leftovers:
+        p.unlink()
+    if leftovers and not force:
+        log(f"removed {len(leftovers)} file(s) left in {out_dir} by an unfinished run; rebuilding")
+
+
+# ---------------------------------------------------------------------------------------- the stages
+@dataclasses.dataclass
+class _Stage:
+    """One row of the funnel: documents and UTF-8 bytes in and out, and why documents were dropped."""
+    name: str
+    label: str
+    docs_in: int = 0
+    docs_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    dropped_by: Dict[str, int] = dataclasses.field(default_factory=dict)
+    extra: Dict[str, int] = dataclasses.field(default_factory=dict)  # stage-specific counts for the manifest
+
+    def keep(self, nbytes_in: int, nbytes_out: int) -> None:
+        self.docs_in += 1
+        self.bytes_in += nbytes_in
+        self.docs_out += 1
+        self.bytes_out += nbytes_out
+
+    def drop(self, nbytes_in: int, reason: str) -> None:
+        self.docs_in += 1
+        self.bytes_in += nbytes_in
+        self.dropped_by[reason] = self.dropped_by.get(reason, 0) + 1
+
+    def as_dict(self) -> dict:
+        d = {"name": self.name, "label": self.label, "docs_in": self.docs_in, "docs_out": self.docs_out,
+             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+             "dropped_by": dict(sorted(self.dropped_by.items()))}
+        d.update(self.extra)
+        return d
+
+
+def _stages(opts: PrepareOptions) -> Dict[str, _Stage]:
+    domains = opts.exclude_domains
+    stages = [
+        _Stage("input", "input documents"),
+        _Stage("score", f"quality score >= {opts.min_score:g}" if opts.min_score is not None
+               else "quality score (off)"),
+        _Stage("domain", f"domain not {', '.join(domains)}" if domains else "domain (off)"),
+        _Stage("clean", "clean-up (NFC, whitespace, boilerplate)", extra={"boilerplate_lines_removed": 0}),
+        _Stage("quality", "quality heuristics"),
+        _Stage("exact_dedup", "exact de-duplication"),
+        _Stage("near_dedup", f"near-duplicates (MinHash LSH, J >= {opts.near_dup_threshold:g})"
+               if opts.near_dedup else "near-duplicates (off)"),
+        _Stage("tokenize", "tokenized (GPT-2 BPE)", extra={"tokens": 0}),
+    ]
+    return {s.name: s for s in stages}
+
+
+class _Kept(NamedTuple):
+    """A document that passed stages 1-6: its cleaned text, that text's UTF-8 size and its hash."""
+    text: str
+    nbytes: int
+    digest: bytes
+
+
+class _Filters:
+    """Stages 1-6 (score, domain, clean-up, quality, exact and near dedup) for one document at a time; each
+    stage counts what it keeps and what it drops, and why."""
+
+    def __init__(self, opts: PrepareOptions, stages: Dict[str, _Stage]):
+        self.opts, self.stages = opts, stages
+        self.exact = ExactDuplicates()
+        self.near = (NearDuplicates(opts.near_dup_threshold, opts.num_perm, opts.shingle_words)
+                     if opts.near_dedup else None)
+
+    def apply(self, rec: Record) -> Optional[_Kept]:
+        """The document as it goes on to tokenization, or None if a stage dropped it."""
+        opts, st = self.opts, self.stages
+        raw_bytes = len(rec.text.encode("utf-8", "surrogatepass"))
+        st["input"].keep(raw_bytes, raw_bytes)
+        if opts.min_score is not None and rec.score is not None and rec.score < opts.min_score:
+            st["score"].drop(raw_bytes, "low_score")
+            return None
+        st["score"].keep(raw_bytes, raw_bytes)
+        if opts.exclude_domains and rec.url and host_excluded(url_host(rec.url), opts.exclude_domains):
+            st["domain"].drop(raw_bytes, "excluded_domain")
+            return None
+        st["domain"].keep(raw_bytes, raw_bytes)
+
+        text, removed = clean_text(rec.text)
+        st["clean"].extra["boilerplate_lines_removed"] += removed
+        if not text:
+            st["clean"].drop(raw_bytes, "empty")
+            return None
+        nbytes = len(text.encode("utf-8"))
+        st["clean"].keep(raw_bytes, nbytes)
+
+        words = Words(text)  # hashed once, for the repetition rule and the near-dedup shingles
+        problem = quality_problem(text, opts, words)
+        if problem:
+            st["quality"].drop(nbytes, problem)
+            return None
+        st["quality"].keep(nbytes, nbytes)
+
+        digest = text_hash(text)
+        if self.exact.seen(digest):
+            st["exact_dedup"].drop(nbytes, "duplicate")
+            return None
+        st["exact_dedup"].keep(nbytes, nbytes)
+        if self.near is not None and self.near.seen(words):
+            st["near_dedup"].drop(nbytes, "near_duplicate")
+            return None
+        st["near_dedup"].keep(nbytes, nbytes)
+        return _Kept(text, nbytes, digest)
+
+
+def split_draw(seed: int, digest: bytes) -> float:
+    """A number in [0, 1) from (seed, the text's hash): the same document always lands in the same split."""
+    h = hashlib.blake2b(digest, digest_size=8, key=seed.to_bytes(8, "little"))
+    return int.from_bytes(h.digest(), "little") / 2.0 ** 64
+
+
+class _Splitter:
+    """Sends each tokenized document to train or val, and keeps val from ending up empty.
+
+    A document goes to val when its draw (``split_draw``) is below ``val_fraction``. While val has no document
+    yet, the train document with the smallest draw so far is not written but held: it is released to train as
+    soon as a real val document arrives (or a smaller draw replaces it), and if none ever does, ``finish``
+    makes it val's one document (given a second document for train). So the split depends on neither the order
+    nor the batching, and only one document's tokens are ever held in memory."""
+
+    def __init__(self, writers: Dict[str, ShardWriter], val_fraction: float, seed: int):
+        self.writers, self.val_fraction, self.seed = writers, val_fraction, seed
+        self.held: Optional[Tuple[float, np.ndarray]] = None  # (draw, tokens)
+        self._batch: Dict[str, List[np.ndarray]] = {s: [] for s in SPLITS}  # written together by flush()
+
+    def _val_is_empty(self) -> bool:
+        return self.writers["val"].documents == 0 and not self._batch["val"]
+
+    def add(self, tokens: np.ndarray, digest: bytes) -> None:
+        draw = split_draw(self.seed, digest)
+        if draw < self.val_fraction:
+            if self.held is not None:  # val is no longer empty: the held document is train's after all
+                self._batch["train"].append(self.held[1])
+                self.held = None
+            self._batch["val"].append(tokens)
+            return
+        if self.val_fraction > 0 and self._val_is_empty() and (self.held is None or draw < self.held[0]):
+            previous, self.held = self.held, (draw, tokens)
+            if previous is None:
+                return
+            tokens = previous[1]  # the one it replaces goes to train in its place
+        self._batch["train"].append(tokens)
+
+    def flush(self) -> None:
+        for s in SPLITS:
+            if self._batch[s]:
+                self.writers[s].write(np.concatenate(self._batch[s]), len(self._batch[s]))
+                self._batch[s] = []
+
+    def finish(self) -> None:
+        self.flush()
+        if self.held is not None:
+            to_val = self.writers["val"].documents == 0 and self.writers["train"].documents > 0
+            self.writers["val" if to_val else "train"].write(self.held[1], 1)
+            self.held = None
+
+
+class _Tokenize:
+    """Stage 7: kept documents, tokenized a batch at a time on all cores, each preceded by <|endoftext|>."""
+
+    def __init__(self, tokenizer, opts: PrepareOptions, stage: _Stage, splitter: _Splitter):
+        self.tokenizer, self.opts, self.stage, self.splitter = tokenizer, opts, stage, splitter
+        self.eot = tokenizer.eot_token
+        if self.eot >= MAX_VOCAB:
+            raise DataError(f"the tokenizer's <|endoftext|> id {self.eot} does not fit in a uint16 shard; use a "
+                            f"vocabulary of at most {MAX_VOCAB} tokens")
+        self._docs: List[_Kept] = []
+        self._chars = 0
+
+    def add(self, doc: _Kept) -> None:
+        self._docs.append(doc)
+        self._chars += len(doc.text)
+
+    @property
+    def full(self) -> bool:
+        return len(self._docs) >= self.opts.batch_docs or self._chars >= self.opts.batch_chars
+
+    def flush(self) -> None:
+        if not self._docs:
+            return
+        ids = self.tokenizer.encode_ordinary_batch([d.text for d in self._docs], num_threads=self.opts.num_threads)
+        for doc, doc_ids in zip(self._docs, ids):
+            tokens = np.concatenate(([self.eot], as_uint16(doc_ids, self.tokenizer))).astype(TOKEN_DTYPE)
+            self.stage.keep(doc.nbytes, doc.nbytes)
+            self.stage.extra["tokens"] += len(tokens)
+            self.splitter.add(tokens, doc.digest)
+        self.splitter.flush()
+        self._docs, self._chars = [], 0
+
+
+def _run_stages(inputs: Sequence[Path], opts: PrepareOptions, tokenizer, writers: Dict[str, ShardWriter],
+                progress: Optional[bool]) -> List[_Stage]:
+    stages = _stages(opts)
+    filters = _Filters(opts, stages)
+    splitter = _Splitter(writers, opts.val_fraction, opts.seed)
+    tokenize = _Tokenize(tokenizer, opts, stages["tokenize"], splitter)
+    records = iter_records(inputs)
+    bar = _progress_bar(records) if progress or (progress is None and sys.stderr.isatty()) else None
+    try:
+        for rec in bar if bar is not None else records:
+            doc = filters.apply(rec)
+            if doc is None:
+                continue
+            tokenize.add(doc)
+            if tokenize.full:
+                tokenize.flush()
+                if bar is not None:
+                    bar.set_postfix(kept=stages["tokenize"].docs_out, tokens=stages["tokenize"].extra["tokens"])
+        tokenize.flush()
+    finally:
+        if bar is not None:
+            bar.close()
+    splitter.finish()
+    if opts.val_fraction > 0 and writers["val"].documents == 0 and stages["tokenize"].docs_out:
+        print(f"warning: only {stages['tokenize'].docs_out} document kept, so the val split is empty",
+              file=sys.stderr)
+    return list(stages.values())
+
+
+def _progress_bar(records):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(records, unit=" docs", desc="prepare", file=sys.stderr, mininterval=0.5)
