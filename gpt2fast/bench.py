@@ -355,7 +355,7 @@ def report(args) -> int:
     md_path = args.markdown or (f"{args.out}.md" if args.out else None)
     if md_path:
         Path(md_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(md_path).write_text(markdown, encoding="utf-8")
+        write_atomic(Path(md_path), markdown.encode("utf-8"))
         print(f"markdown: {md_path}", file=sys.stderr)
     else:
         sys.stdout.write(markdown)

@@ -44,6 +44,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from gpt2fast._io import write_atomic
+
 # two-sided 95% critical values of Student's t, df = 1..30 (beyond: Cornish-Fisher expansion around 1.96)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -274,7 +276,7 @@ def run_sweep(config: dict, out: Path, log=print) -> list:
                     "n_params_total": trainer.model.num_params(), "tokens_per_step": trainer.tokens_per_step,
                     "steps": result["step"], "tokens": result["step"] * trainer.tokens_per_step,
                     "val_loss": result["val_loss"]}
-            (out / name / "run.json").write_text(json.dumps(info, indent=2))
+            write_atomic(out / name / "run.json", json.dumps(info, indent=2).encode("utf-8"))
             done.append(out / name)
         finally:
             if preset:
