@@ -24,26 +24,42 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_the_installed_package() -> None:
+    """After `pip install .` (not -e) the checkout's gpt2fast/ has no compiled _bpe; `python -m pytest` and a
+    subprocess started in the checkout would import that copy first and fail. Then the checkout leaves
+    sys.path (and the subprocesses' working directory, see rss_of_subprocess), so the installed package is
+    the one measured."""
+    if any((REPO_ROOT / "gpt2fast").glob("_bpe*")):
+        return  # an editable install, or a build in place: the checkout is the package
+    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != REPO_ROOT]
+    for name in [m for m in sys.modules if m == "gpt2fast" or m.startswith("gpt2fast.")]:
+        del sys.modules[name]
+
+
+_import_the_installed_package()
+
 # Figures and rows live in bench_results (shared with the GPU suites' gpu_timing); the row and JSON format,
 # and the Markdown/PNG report, in gpt2fast.bench.
-import bench_results
-import pytest
-from bench_results import NOTES, SESSION, Figure, record
+import bench_results  # noqa: E402
+import pytest  # noqa: E402
+from bench_results import NOTES, SESSION, Figure, record  # noqa: E402
 
-from gpt2fast.bench import text_table
+from gpt2fast.bench import text_table  # noqa: E402
 
 QUICK = os.environ.get("GPT2FAST_BENCH_QUICK", "") not in ("", "0")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 CORPUS_DIR = SHARED_DATA / "corpus"
-TIKTOKEN_CACHE = SHARED_DATA / "tiktoken_cache"
 
 EOT = "<|endoftext|>"
 N_CPUS = os.cpu_count() or 1
@@ -135,19 +151,31 @@ def _ours_encoder() -> Encoder:
                    load_code="tok = gpt2fast.tokenizer.Tokenizer.gpt2(); tok.encode_ordinary('Hello world')")
 
 
+# tiktoken's GPT-2 encoding built from the vocabulary we ship (no network, no cache): the same ranks and
+# pattern as tiktoken.get_encoding("gpt2"), so the peer runs wherever the suite does.
+_TIKTOKEN_GPT2 = """
+import tiktoken, tiktoken.load
+from importlib import resources
+_assets = resources.files("gpt2fast") / "assets"
+enc = tiktoken.Encoding("gpt2", pat_str={pattern!r},
+                        mergeable_ranks=tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+                            vocab_bpe_file=str(_assets / "vocab.bpe"), encoder_json_file=str(_assets / "encoder.json")),
+                        special_tokens={{"<|endoftext|>": 50256}})
+"""
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
 @functools.cache
 def _tiktoken_encoder() -> Encoder:
-    tiktoken = pytest.importorskip("tiktoken")
-    if TIKTOKEN_CACHE.is_dir():  # offline copy of the files tiktoken would download (inherited by subprocesses)
-        os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
-    try:
-        enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:  # no network and no cache
-        pytest.skip(f"tiktoken's gpt2 encoding cannot be loaded: {e}")
+    pytest.importorskip("tiktoken")
+    code = _TIKTOKEN_GPT2.format(pattern=GPT2_PATTERN)
+    scope: dict = {}
+    exec(code, scope)  # our own source text above: the same lines the memory probe's subprocess runs
+    enc = scope["enc"]
     return Encoder("tiktoken", "peer", enc.encode_ordinary,
                    functools.partial(enc.encode_ordinary_batch, num_threads=N_CPUS),
-                   import_code="import tiktoken, tiktoken.load, tiktoken.registry, tiktoken_ext.openai_public",
-                   load_code="enc = tiktoken.get_encoding('gpt2'); enc.encode_ordinary('Hello world')")
+                   import_code="import tiktoken, tiktoken.load",
+                   load_code=code + "\nenc.encode_ordinary('Hello world')")
 
 
 def _ours_trainer() -> Trainer:
@@ -330,7 +358,9 @@ print(json.dumps({{"start": start, "imported": imported, "loaded": loaded}}))
 def rss_of_subprocess(import_code: str, load_code: str) -> Dict[str, int]:
     """Resident bytes of a fresh interpreter at start, after ``import_code`` and after ``load_code``."""
     script = _RSS_SCRIPT.format(import_code=import_code, load_code=load_code)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    # Started outside the checkout: a fresh interpreter puts its working directory first on sys.path.
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tempfile.gettempdir())
     if done.returncode != 0:
         raise RuntimeError(f"memory probe failed (exit {done.returncode}):\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])

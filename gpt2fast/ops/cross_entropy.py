@@ -491,7 +491,9 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         if want_grads:
             need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None  # chunks contiguous
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            one_chunk = rows <= chunk and weight.dtype == torch.float32  # then mm writes grad_w once, no sum
+            grad_w = (torch.empty if one_chunk else torch.zeros)(weight.shape, dtype=torch.float32,
+                                                                 device=weight.device) if need_w else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, rows, chunk):
             h_c = h[start:start + chunk]
@@ -515,7 +517,10 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             if grad_h is not None:
                 torch.mm(d_logits, weight, out=grad_h[start:start + chunk])
             if grad_w is not None:
-                _add_matmul_fp32(grad_w, d_logits.T, h_c)
+                if one_chunk:
+                    torch.mm(d_logits.T, h_c, out=grad_w)
+                else:
+                    _add_matmul_fp32(grad_w, d_logits.T, h_c)
             del logits, d_logits
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
