@@ -161,8 +161,8 @@ def test_a_crash_while_tokenizing_leaves_no_manifest(corpus, tmp_path, monkeypat
 def test_bad_inputs_and_options(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x", "score": "lots"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: \"score\" must be a number"):
-        prepare([bad], tmp_path / "out", log=lambda s: None)
+    with pytest.raises(DataError, match=r"bad.jsonl:1: \"score\" must be a number.*--strict"):
+        prepare([bad], tmp_path / "out", PrepareOptions(strict=True), log=lambda s: None)
     with pytest.raises(DataError, match="inside the input folder"):
         prepare([tmp_path], tmp_path / "out", log=lambda s: None)
     with pytest.raises(ConfigError, match=r"val_fraction=1.5 \(--val-fraction\) is out of range: it must be in "
@@ -197,18 +197,20 @@ def test_the_command_line_is_built_from_the_options():
                      "--max-chars", "99", "--min-letter-share", "0.5", "--max-dup-line-share", "0.4",
                      "--max-top-ngram-share", "0.3", "--repetition-ngram", "2", "--near-dup-threshold", "0.7",
                      "--num-perm", "64", "--shingle-words", "3", "--val-fraction", "0.1", "--seed", "1",
-                     "--shard-tokens", "500", "--threads", "2", "--batch-docs", "8", "--batch-chars", "1000")
+                     "--shard-tokens", "500", "--threads", "2", "--batch-docs", "8", "--batch-chars", "1000",
+                     "--strict")
     assert spelled == PrepareOptions(
         min_score=5, exclude_domains=("a.org", "b.com"), min_chars=10, max_chars=99, min_letter_share=0.5,
         max_dup_line_share=0.4, max_top_ngram_share=0.3, repetition_ngram=2, near_dup_threshold=0.7, num_perm=64,
-        shingle_words=3, val_fraction=0.1, seed=1, shard_tokens=500, num_threads=2, batch_docs=8, batch_chars=1000)
+        shingle_words=3, val_fraction=0.1, seed=1, shard_tokens=500, num_threads=2, batch_docs=8, batch_chars=1000,
+        strict=True)
     assert _parse("--no-score-filter", "--min-score", "9").min_score is None  # in either order
     assert _parse("--no-near-dedup").near_dedup is False
     assert _parse("--exclude-domains", "").exclude_domains == ()
     for f in dataclasses.fields(PrepareOptions):  # every field has its help
         assert f.metadata["help"], f.name
     assert set(PrepareOptions().output_options()) == {
-        f.name for f in dataclasses.fields(PrepareOptions)} - {"num_threads", "batch_docs", "batch_chars"}
+        f.name for f in dataclasses.fields(PrepareOptions)} - {"num_threads", "batch_docs", "batch_chars", "strict"}
 
 
 def test_every_flag_is_in_the_user_guide():

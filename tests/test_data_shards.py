@@ -53,6 +53,7 @@ def test_ids_that_do_not_fit_uint16_are_refused(corpus, tmp_path):
     (lambda raw: raw[:100], "truncated: 100 bytes, shorter than the 256-byte header"),
     (lambda raw: raw[:4] + struct.pack("<i", 9) + raw[8:], "format version 9"),
     (lambda raw: raw + b"\0\0", "corrupt: its header says 1000 tokens"),
+    (lambda raw: raw[:100] + b"\1" + raw[101:], "damaged header: bytes 16-255 must be zero"),
 ])
 def test_corrupt_shards_are_named(prepared, tmp_path, damage, message):
     out = tmp_path / "copy"
@@ -77,3 +78,14 @@ def test_verify_checks_the_sha256(prepared, tmp_path):
     ShardDataset(out, "val")  # sizes still agree
     with pytest.raises(ShardError, match="val_000000.bin has sha256"):
         ShardDataset(out, "val", verify=True)
+    with pytest.raises(ShardError, match="val_000000.bin has sha256"):
+        TokenLoader(out, "val", 1, 8, verify=True)
+    with pytest.raises(ShardError, match="val_000000.bin has sha256"):
+        list(ShardDataset(out, "val").chunks())  # read whole anyway: checked on the way
+
+
+def test_chunks_give_every_token_and_check_each_shard(prepared):
+    out, manifest = prepared
+    ds = ShardDataset(out, "train")
+    assert ds.verify() == sum(s["bytes"] for s in manifest["splits"]["train"]["shards"])
+    assert np.array_equal(np.concatenate(list(ds.chunks(size=333))), ds.read(0, ds.num_tokens))

@@ -1,16 +1,19 @@
-"""``python -m gpt2fast.data``: ``prepare`` a folder of shards from raw text, or print a prepared folder's
-``info``. Every option of ``prepare`` comes from ``PrepareOptions``' fields (gpt2fast/data/options.py)."""
+"""``python -m gpt2fast.data``: ``prepare`` a folder of shards from raw text, print a prepared folder's ``info``,
+or ``verify`` its shards. Every option of ``prepare`` comes from ``PrepareOptions``' fields
+(gpt2fast/data/options.py)."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from gpt2fast.data import options
 from gpt2fast.data.funnel import funnel_table
 from gpt2fast.data.loader import unigram_entropy
 from gpt2fast.data.pipeline import prepare
-from gpt2fast.data.shards import read_manifest
+from gpt2fast.data.shards import MANIFEST, ShardDataset, read_manifest
 from gpt2fast.errors import InputError
 
 
@@ -27,10 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "package)")
     p.add_argument("--out", required=True, metavar="DIR", default=argparse.SUPPRESS, help="output folder")
     options.add_arguments(p)
-    p.add_argument("--force", action="store_true", help="rebuild even if DIR holds finished output")
+    p.add_argument("--force", action="store_true", help="rebuild even if DIR holds finished output (built beside "
+                                                        "it, moved in only when complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    i = sub.add_parser("info", help="print a prepared folder's funnel, shards and unigram entropy")
+    i = sub.add_parser("info", help="print a prepared folder's funnel, shards and unigram entropy (reading every "
+                                    "shard, so checking each one's sha256 too)")
     i.add_argument("out", metavar="DIR")
+    v = sub.add_parser("verify", help="check every shard's header, size and sha256 against the manifest")
+    v.add_argument("out", metavar="DIR")
     return parser
 
 
@@ -41,8 +48,18 @@ def info(out_dir: str) -> None:
         for shard in sp["shards"]:
             print(f"  {shard['file']}  {shard['tokens']:,} tokens  sha256 {shard['sha256'][:16]}...")
         if sp["tokens"]:
-            print(f"{split} unigram entropy: {unigram_entropy(out_dir, split):.4f} nats/token "
-                  f"({unigram_entropy(out_dir, split, 'bits'):.4f} bits)")
+            nats = unigram_entropy(out_dir, split)  # reads every token: checks the sha256s on the way
+            print(f"{split} unigram entropy: {nats:.4f} nats/token ({nats / math.log(2):.4f} bits)")
+
+
+def verify(out_dir: str) -> None:
+    manifest = read_manifest(out_dir)
+    for split in manifest["splits"]:
+        ds = ShardDataset(out_dir, split)  # headers and sizes
+        checked = ds.verify()
+        print(f"{split}: {len(ds.shard_files)} shard(s), {ds.num_tokens:,} tokens, {checked:,} bytes: headers, "
+              f"sizes and sha256 match {MANIFEST}")
+    print(f"{out_dir}: ok")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -51,14 +68,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "prepare":
             prepare(getattr(args, "inputs", []), args.out, options.from_arguments(args), force=args.force,
                     progress=False if args.no_progress else None)
+        elif args.command == "verify":
+            verify(args.out)
         else:
             info(args.out)
-    except (InputError, FileNotFoundError) as e:  # the user's to fix: one line, no traceback
+    except InputError as e:  # the user's to fix (a missing input is one too): one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: no manifest was written, so the output folder is marked unfinished; run the same "
-              "command again to rebuild it", file=sys.stderr)
+        if args.command != "prepare":
+            print("interrupted", file=sys.stderr)
+        elif (Path(args.out) / MANIFEST).is_file():  # a --force rebuild is made beside the finished data
+            print(f"interrupted: {args.out} still holds the data it held before; run the same command again to "
+                  f"rebuild it", file=sys.stderr)
+        else:
+            print("interrupted: no manifest was written, so the output folder is marked unfinished; run the same "
+                  "command again to rebuild it", file=sys.stderr)
         return 130
     return 0
 

@@ -35,7 +35,26 @@ def funnel_table(manifest: dict) -> str:
     for name, sp in manifest["splits"].items():
         lines.append(f"{name}: {sp['documents']:,} documents, {sp['tokens']:,} tokens in {len(sp['shards'])} "
                      f"shard(s)")
+    lines += _unreadable_lines(manifest.get("unreadable") or {})  # absent from manifests of before it was counted
     return "\n".join(lines)
+
+
+def _unreadable_lines(unreadable: dict) -> list:
+    """The input records that could not be read, by file (the input stage counts them as dropped, by reason)."""
+    if not unreadable.get("records"):
+        return []
+    lines = [f"unreadable records skipped: {unreadable['records']:,}"]
+    for f in unreadable.get("files", []):
+        text = f"  {f.get('path')}: " + ", ".join(f"{k} {v:,}" for k, v in f.get("by_reason", {}).items())
+        shown = f.get("lines", [])
+        if shown:
+            more = " ..." if len(shown) < f.get("records", 0) else ""
+            text += f" (line {', '.join(map(str, shown[:10]))}{' ...' if len(shown) > 10 else more})"
+        if "rest_lost_after_line" in f:
+            after = f["rest_lost_after_line"]
+            text += f"; the rest of the file after line {after:,} is lost" if after else "; nothing of it was read"
+        lines.append(text)
+    return lines
 
 
 def funnel_plot_png(manifest: dict) -> bytes:

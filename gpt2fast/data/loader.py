@@ -29,10 +29,14 @@ class TokenLoader:
 
     ``state_dict()`` is the global position; ``load_state_dict`` resumes so that the next batch is the one
     an uninterrupted loader would have given (and, if batch_size or world_size changed, the stream goes on
-    from the same global window)."""
+    from the same global window).
+
+    Every shard's header and size are checked against the manifest when the loader is made; ``verify=True``
+    checks each shard's sha256 too, which reads all of the split once."""
 
     def __init__(self, out_dir: PathLike, split: str = "train", batch_size: int = 8, block_size: int = 1024,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, *, dataset: Optional[ShardDataset] = None):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, *, dataset: Optional[ShardDataset] = None,
+                 verify: bool = False):
         for name, value, low in (("batch_size", batch_size, 1), ("block_size", block_size, 1), ("seed", seed, 0),
                                  ("world_size", world_size, 1), ("rank", rank, 0)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
@@ -40,6 +44,8 @@ class TokenLoader:
         if rank >= world_size:
             raise ConfigError(f"rank {rank} is not below world_size {world_size}: ranks count from 0")
         self.dataset = dataset if dataset is not None else ShardDataset(out_dir, split)
+        if verify:
+            self.dataset.verify()
         self.split, self.batch_size, self.block_size = split, int(batch_size), int(block_size)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         n, span = self.dataset.num_tokens, self.block_size + 1

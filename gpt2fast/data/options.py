@@ -67,6 +67,10 @@ class PrepareOptions:
                                          rule=_at_least(1), output=False)
     batch_docs: int = _option(1024, "documents per tokenizer batch", rule=_at_least(1), output=False)
     batch_chars: int = _option(8_000_000, "characters per tokenizer batch", rule=_at_least(1), output=False)
+    # Not an output option: a strict run that succeeds read every record, so it made what a lenient one makes.
+    strict: bool = _option(False, "stop with an error at the first unreadable input record (not JSON, no string "
+                                  "'text', not UTF-8, a damaged gzip) instead of skipping and counting it",
+                           output=False)
 
     def __post_init__(self):
         self.exclude_domains = tuple(d.strip().lower().lstrip(".") for d in self.exclude_domains if d.strip())

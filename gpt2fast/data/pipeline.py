@@ -1,7 +1,10 @@
 """``prepare``: raw text through the stages of docs/data.md into a folder of shards, with its manifest and funnel.
 
 A document at a time, so memory stays flat in the input size; the output folder is only ever finished (a
-manifest, written last) or visibly unfinished (none), so a crash never leaves data that looks whole.
+manifest, written last) or visibly unfinished (none), so a crash never leaves data that looks whole. A
+``--force`` rebuild of a finished folder is made beside it and moved in only once complete, so a failed
+rebuild costs nothing. An input record that cannot be read costs only itself (counted, reported, skipped)
+unless ``strict``.
 
 (Not named ``prepare.py``: ``gpt2fast.data.prepare`` is this module's function, and a submodule of the same
 name would be shadowed by it in the package.)"""
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import sys
 import time
@@ -19,7 +23,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from gpt2fast._io import write_atomic
+from gpt2fast._io import fsync_dir, write_atomic
 from gpt2fast.data.clean import Words, clean_text, host_excluded, quality_problem, url_host
 from gpt2fast.data.dedup import ExactDuplicates, NearDuplicates, text_hash
 from gpt2fast.data.funnel import funnel_plot_png, funnel_table
@@ -41,9 +45,13 @@ from gpt2fast.data.shards import (
     check_vocabulary,
     read_manifest,
     read_shard_header,
+    rebuild_dir,
 )
 from gpt2fast.errors import DataError
-from gpt2fast.textio import Record, default_corpus_path, iter_files, iter_records
+from gpt2fast.textio import BadRecord, Record, default_corpus_path, iter_files, iter_records
+
+_MAX_WARNINGS = 20  # unreadable records reported one by one; the rest only in the summary and the manifest
+_MAX_LINES = 100  # line numbers of unreadable records the manifest lists per file (it counts them all)
 
 
 def prepare(inputs: Sequence[PathLike] = (), out_dir: PathLike = "data", options: Optional[PrepareOptions] = None,
@@ -60,24 +68,52 @@ def prepare(inputs: Sequence[PathLike] = (), out_dir: PathLike = "data", options
         tokenizer = Tokenizer.gpt2()
     check_vocabulary(tokenizer)
     inputs = [Path(p) for p in inputs] or [default_corpus_path()]
+    if not str(out_dir).strip():  # Path("") is the current folder: an unset variable, not a choice
+        raise DataError("--out is empty; give the folder to write the shards to")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, inputs)
     input_files = _describe_inputs(inputs)
     out_options = options.output_options()
     fingerprint = _fingerprint(out_options, input_files, tokenizer)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / MANIFEST).exists() and not force:
-        old = _finished_like_this(out_dir, fingerprint, out_options, input_files, tokenizer)
-        log(f"{out_dir} is already prepared with these options and inputs (manifest from "
-            f"{old.get('created')}); nothing to do (--force rebuilds it)")
-        return old
-    _clear(out_dir, force, log)
-
-    started = time.time()
-    writers = {s: ShardWriter(out_dir, s, options.shard_tokens) for s in SPLITS}
+    _make_folder(out_dir)
+    _settle_rebuild(out_dir, log)
+    rebuilding = (out_dir / MANIFEST).exists()
+    if rebuilding:
+        if not force:
+            old = _finished_like_this(out_dir, fingerprint, out_options, input_files, tokenizer)
+            if options.strict:
+                _refuse_skipped_records(out_dir, old)
+            log(f"{out_dir} is already prepared with these options and inputs (manifest from "
+                f"{old.get('created')}); nothing to do (--force rebuilds it)")
+            return old
+        folder = _start_rebuild(out_dir)  # the finished data stays in place until the new is complete
+    else:
+        _clear(out_dir, log)
+        folder = out_dir
     try:
-        stages = _run_stages(inputs, options, tokenizer, writers, progress)
+        manifest = _build(inputs, folder, options, tokenizer, progress, fingerprint=fingerprint,
+                          out_options=out_options, input_files=input_files)
+    except BaseException:
+        if rebuilding:  # the finished data was never touched; nothing of this run stays
+            _remove_rebuild(folder)
+        raise
+    if rebuilding:
+        _move_in(folder, out_dir)
+    log(funnel_table(manifest))
+    log(f"wrote {sum(len(v['shards']) for v in manifest['splits'].values())} shard(s), {FUNNEL_PNG} and {MANIFEST} "
+        f"to {out_dir}")
+    _summarize_unreadable(manifest)
+    return manifest
+
+
+def _build(inputs: Sequence[Path], folder: Path, options: PrepareOptions, tokenizer, progress: Optional[bool], *,
+           fingerprint: str, out_options: dict, input_files: List[dict]) -> dict:
+    """Run the stages into ``folder`` (empty of our files) and write its funnel and manifest, last."""
+    started = time.time()
+    writers = {s: ShardWriter(folder, s, options.shard_tokens) for s in SPLITS}
+    try:
+        stages, unreadable = _run_stages(inputs, options, tokenizer, writers, progress)
         for w in writers.values():
             w.close()
     except BaseException:
@@ -98,15 +134,13 @@ def prepare(inputs: Sequence[PathLike] = (), out_dir: PathLike = "data", options
         "options": out_options,
         "inputs": input_files,
         "stages": [s.as_dict() for s in stages],
+        "unreadable": unreadable.as_dict(),
         "splits": {s: {"documents": w.documents, "tokens": w.tokens, "max_token": w.max_token,
                        "shards": w.shards} for s, w in writers.items()},
         "funnel_plot": FUNNEL_PNG,
     }
-    write_atomic(out_dir / FUNNEL_PNG, funnel_plot_png(manifest))
-    write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))  # last: finished
-    log(funnel_table(manifest))
-    log(f"wrote {sum(len(v['shards']) for v in manifest['splits'].values())} shard(s), {FUNNEL_PNG} and {MANIFEST} "
-        f"to {out_dir}")
+    write_atomic(folder / FUNNEL_PNG, funnel_plot_png(manifest))
+    write_atomic(folder / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))  # last: finished
     return manifest
 
 
@@ -114,6 +148,9 @@ def prepare(inputs: Sequence[PathLike] = (), out_dir: PathLike = "data", options
 def _check_out_dir(out_dir: Path, inputs: List[Path]) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir} is a file; give a folder")
+    blocking = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DataError(f"--out {out_dir} cannot be created: {blocking} is a file; give a folder elsewhere")
     for p in inputs:
         if p.is_dir() and (out_dir.resolve() == p.resolve() or p.resolve() in out_dir.resolve().parents):
             raise DataError(f"--out {out_dir} is inside the input folder {p}, whose files would be read as input "
@@ -186,14 +223,89 @@ def _our_files(out_dir: Path) -> List[Path]:
     return sorted(p for p in out_dir.iterdir() if _OUR_FILES.fullmatch(p.name))
 
 
-def _clear(out_dir: Path, force: bool, log: Callable[[str], None]) -> None:
+def _make_folder(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create --out {out_dir}: {e.strerror or e}; give a folder you can write to") from None
+
+
+def _clear(out_dir: Path, log: Callable[[str], None]) -> None:
     """Remove what an earlier run left, manifest first, so the folder never looks finished while we rebuild."""
     (out_dir / MANIFEST).unlink(missing_ok=True)
     leftovers = _our_files(out_dir)
     for p in leftovers:
         p.unlink()
-    if leftovers and not force:
+    if leftovers:
         log(f"removed {len(leftovers)} file(s) left in {out_dir} by an unfinished run; rebuilding")
+
+
+# A --force rebuild of a finished folder D is made in rebuild_dir(D), a sibling, and then moved in: D's manifest
+# goes first (D is unfinished from then on), D's old shards go, the new files are renamed in and the new manifest
+# comes last. Files into D one by one, rather than swapping whole folders, so that files in D that are not
+# ours, D's own permissions, and a D that is a mount point all stay as they were. A run that finds the rebuild
+# folder finishes that move if it had begun (the rebuild is complete and D has no manifest), and otherwise
+# removes it: D is then still the old, finished data.
+def _start_rebuild(out_dir: Path) -> Path:
+    folder = rebuild_dir(out_dir)
+    try:
+        folder.mkdir()
+    except OSError as e:
+        raise DataError(f"cannot create {folder} to rebuild {out_dir} in ({e.strerror or e}): --force builds the "
+                        f"new data beside the old and moves it in only when complete; make {folder.parent} "
+                        f"writable, or delete {out_dir / MANIFEST} to rebuild in place (the old data is then "
+                        f"lost)") from None
+    return folder
+
+
+def _settle_rebuild(out_dir: Path, log: Callable[[str], None]) -> None:
+    """Finish or remove what an interrupted --force rebuild of ``out_dir`` left beside it."""
+    folder = rebuild_dir(out_dir)
+    if not folder.is_dir():
+        return
+    if (folder / MANIFEST).is_file() and not (out_dir / MANIFEST).exists():
+        log(f"finishing the --force rebuild of {out_dir}, interrupted while its files were moved in")
+        _move_in(folder, out_dir)
+    elif _remove_rebuild(folder):
+        log(f"removed {folder}, left by an interrupted --force rebuild ({out_dir} is as it was before it)")
+    else:
+        raise DataError(f"{folder} (where --force rebuilds {out_dir}) holds files that prepare did not write; "
+                        f"move them elsewhere and run again")
+
+
+def _remove_rebuild(folder: Path) -> bool:
+    """Delete the rebuild folder's files (only ours) and the folder; whether it is gone."""
+    for p in _our_files(folder):
+        p.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def _move_in(folder: Path, out_dir: Path) -> None:
+    """Replace the data in ``out_dir`` by the complete data in the rebuild ``folder``; re-entrant, so a run that
+    finds it interrupted can finish it."""
+    new = read_manifest(folder)
+    files = {s["file"] for sp in new["splits"].values() for s in sp["shards"]} | {FUNNEL_PNG}
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # from here out_dir is unfinished: the next run finishes this
+    fsync_dir(out_dir)
+    for p in _our_files(out_dir):
+        if p.name not in files:
+            p.unlink()
+    for name in sorted(files):
+        if (folder / name).exists():  # the rest were moved in before an interruption
+            os.replace(folder / name, out_dir / name)
+    fsync_dir(out_dir)
+    damage = _damage(out_dir, new)
+    if damage:
+        _remove_rebuild(folder)
+        raise DataError(f"the rebuilt data could not be moved into {out_dir} ({damage}); run prepare again to "
+                        f"rebuild it")
+    os.replace(folder / MANIFEST, out_dir / MANIFEST)  # last: out_dir is finished again, with the new data
+    fsync_dir(out_dir)
+    _remove_rebuild(folder)
 
 
 # ---------------------------------------------------------------------------------------- the stages
@@ -388,13 +500,72 @@ class _Tokenize:
         self._docs, self._chars = [], 0
 
 
+class _Unreadable:
+    """The input records that could not be read: each counted as dropped by the input stage (by reason), by
+    file for the manifest, and reported with its file and line (the first ``_MAX_WARNINGS`` one by one); with
+    ``strict``, the first one is a DataError instead."""
+
+    def __init__(self, strict: bool, stage: _Stage):
+        self.strict, self.stage = strict, stage
+        self.records = 0
+        self.files: Dict[str, dict] = {}  # resolved path -> its counts, in the order the files were read
+
+    def __call__(self, bad: BadRecord) -> None:
+        if self.strict:
+            raise DataError(f"{bad}; {bad.fix}, or run without --strict to skip and count such records")
+        self.records += 1
+        self.stage.drop(bad.nbytes, bad.reason)
+        entry = self.files.setdefault(str(bad.path.resolve()), {"records": 0, "by_reason": {}, "lines": []})
+        entry["records"] += 1
+        entry["by_reason"][bad.reason] = entry["by_reason"].get(bad.reason, 0) + 1
+        if bad.rest_lost:
+            entry["rest_lost_after_line"] = (bad.line or 1) - 1
+        elif bad.line is not None and len(entry["lines"]) < _MAX_LINES:
+            entry["lines"].append(bad.line)
+        if self.records <= _MAX_WARNINGS:
+            print(f"warning: {bad}; skipped", file=sys.stderr)
+        elif self.records == _MAX_WARNINGS + 1:
+            print(f"warning: more unreadable records than {_MAX_WARNINGS}: the rest are only counted (the summary "
+                  f"at the end, and {MANIFEST}'s \"unreadable\", list them by file)", file=sys.stderr)
+
+    def as_dict(self) -> dict:
+        by_reason: Dict[str, int] = {}
+        for entry in self.files.values():
+            for reason, n in entry["by_reason"].items():
+                by_reason[reason] = by_reason.get(reason, 0) + n
+        return {"records": self.records, "by_reason": dict(sorted(by_reason.items())),
+                "files": [{"path": path, **entry, "by_reason": dict(sorted(entry["by_reason"].items()))}
+                          for path, entry in self.files.items()]}
+
+
+def _summarize_unreadable(manifest: dict) -> None:
+    unreadable = manifest["unreadable"]
+    if unreadable["records"]:
+        why = ", ".join(f"{k} {v:,}" for k, v in unreadable["by_reason"].items())
+        print(f"warning: skipped {unreadable['records']:,} unreadable input record(s) in "
+              f"{len(unreadable['files'])} file(s) ({why}); {MANIFEST}'s \"unreadable\" lists them by file, and "
+              f"--strict stops at the first instead", file=sys.stderr)
+
+
+def _refuse_skipped_records(out_dir: Path, manifest: dict) -> None:
+    """--strict on a folder already prepared from these inputs: an error if that run skipped records."""
+    unreadable = manifest.get("unreadable") or {}
+    if unreadable.get("records"):
+        first = unreadable["files"][0]
+        where = first["path"] + (f":{first['lines'][0]}" if first.get("lines") else "")
+        raise DataError(f"{out_dir} was prepared from these inputs by skipping {unreadable['records']:,} unreadable "
+                        f"record(s) (the first at {where}), which --strict refuses; fix those inputs ({MANIFEST}'s "
+                        f"\"unreadable\" lists them by file), or run without --strict")
+
+
 def _run_stages(inputs: Sequence[Path], opts: PrepareOptions, tokenizer, writers: Dict[str, ShardWriter],
-                progress: Optional[bool]) -> List[_Stage]:
+                progress: Optional[bool]) -> Tuple[List[_Stage], _Unreadable]:
     stages = _stages(opts)
     filters = _Filters(opts, stages)
     splitter = _Splitter(writers, opts.val_fraction, opts.seed)
     tokenize = _Tokenize(tokenizer, opts, stages["tokenize"], splitter)
-    records = iter_records(inputs)
+    unreadable = _Unreadable(opts.strict, stages["input"])
+    records = iter_records(inputs, on_bad=unreadable)
     bar = _progress_bar(records) if progress or (progress is None and sys.stderr.isatty()) else None
     try:
         for rec in bar if bar is not None else records:
@@ -414,7 +585,7 @@ def _run_stages(inputs: Sequence[Path], opts: PrepareOptions, tokenizer, writers
     if opts.val_fraction > 0 and writers["val"].documents == 0 and stages["tokenize"].docs_out:
         print(f"warning: only {stages['tokenize'].docs_out} document kept, so the val split is empty",
               file=sys.stderr)
-    return list(stages.values())
+    return list(stages.values()), unreadable
 
 
 def _progress_bar(records):
