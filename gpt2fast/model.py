@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gpt2fast import ops
-from gpt2fast._io import atomic_path, write_atomic
+from gpt2fast._io import atomic_path, checksum_entry, verify_checksums, write_atomic, write_checksums
+from gpt2fast.errors import DataError
 
 PathLike = Union[str, os.PathLike]
 
@@ -315,7 +316,14 @@ class GPT2(nn.Module):
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found: from_pretrained needs a folder with config.json "
                                     f"and model.safetensors (or pytorch_model.bin)")
-        hf = json.loads(config_file.read_text(encoding="utf-8"))
+        # a folder we wrote lists its files' checksums: a damaged file is named here, not met as wrong weights
+        verify_checksums(path, ["config.json", "model.safetensors", "pytorch_model.bin"])
+        try:
+            hf = json.loads(config_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{config_file} is not valid JSON ({e}): is the folder damaged?") from None
+        if not isinstance(hf, dict):
+            raise DataError(f"{config_file} is not a JSON object of GPT-2 settings")
         config = _config_from_hf(hf, config_file, **config_overrides)
         state = _load_hf_state(path)
         model = cls(config, backend=backend)
@@ -367,6 +375,8 @@ class GPT2(nn.Module):
         write_atomic(path / "config.json", json.dumps(_config_to_hf(self.config), indent=2).encode("utf-8"))
         with atomic_path(path / "model.safetensors") as tmp:
             save_file(self.hf_state_dict(), str(tmp), metadata={"format": "pt"})
+        # written last: checksums of both files, which from_pretrained checks (transformers ignores the file)
+        write_checksums(path, {name: checksum_entry(path / name) for name in ("config.json", "model.safetensors")})
         return path
 
 
@@ -448,10 +458,23 @@ def _config_to_hf(c: GPT2Config) -> dict:
 def _load_hf_state(path: Path) -> dict:
     st = path / "model.safetensors"
     if st.is_file():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(st))
+        try:
+            return load_file(str(st))
+        except SafetensorError as e:  # a truncated or overwritten file: safetensors' message names no file
+            raise DataError(f"{st} is not a readable safetensors file ({e}): the file is damaged or incomplete; "
+                            f"copy it again from its source") from None
     pt = path / "pytorch_model.bin"
     if pt.is_file():
-        return torch.load(pt, map_location="cpu", weights_only=True)
+        import pickle
+
+        try:
+            # weights_only: torch's restricted unpickler, which refuses any pickle that would run code
+            return torch.load(pt, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise DataError(f"{pt} was not loaded: it is damaged, or a pickle that would run code when loaded "
+                            f"(refused: {' '.join(str(e).split())[:300]}); use a model.safetensors of these weights "
+                            f"from a source you trust") from None
     raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")

@@ -9,7 +9,7 @@ SE the slope's standard error from the regression residuals (needs at least 3 ru
 
 ``fit`` reads each run folder (one with ``metrics.jsonl``; a folder of such folders is searched one level
 down): the last ``val_loss`` in metrics.jsonl, the model shape from the latest checkpoint's
-``trainer_state.pt`` (``model_config``) giving N = non-embedding parameters, and C = 6 * N * D with
+``trainer_state.json`` (``model_config``) giving N = non-embedding parameters, and C = 6 * N * D with
 D = last step x tokens per step (``run.json`` written by ``sweep`` if present, else the checkpoint's
 ``config``: tokens_per_step, or batch_size x block_size when that is 0, i.e. one process assumed).
 
@@ -136,12 +136,14 @@ class Run:
 
 
 def _latest_state(run_dir: Path) -> Optional[dict]:
-    ckpts = sorted(p for p in run_dir.glob("ckpt_*") if (p / "trainer_state.pt").is_file())
-    if not ckpts:
-        return None
-    import torch
+    """The latest checkpoint's trainer state without its tensors (only its settings are read): from
+    trainer_state.json, or a pickled trainer_state.pt of an older gpt2fast through torch's weights-only
+    unpickler, which refuses a pickle that would run code."""
+    from gpt2fast.train import checkpoint_step, read_trainer_state
 
-    return torch.load(ckpts[-1] / "trainer_state.pt", map_location="cpu", weights_only=False)
+    ckpts = sorted((p for p in run_dir.glob("ckpt_*") if checkpoint_step(p) is not None and (
+        (p / "trainer_state.json").is_file() or (p / "trainer_state.pt").is_file())), key=checkpoint_step)
+    return read_trainer_state(ckpts[-1], tensors=False) if ckpts else None
 
 
 def read_run(run_dir) -> Run:
@@ -151,11 +153,10 @@ def read_run(run_dir) -> Run:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise ValueError(f"{run_dir}: no metrics.jsonl")
+    from gpt2fast.train import read_metrics
+
     step, val_loss = 0, None
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for record, _ in read_metrics(metrics):  # a torn last line (a crash mid-write) is dropped with a warning
         step = max(step, int(record.get("step", 0)))
         if record.get("val_loss") is not None:
             val_loss = float(record["val_loss"])
@@ -168,7 +169,7 @@ def read_run(run_dir) -> Run:
     elif "model_config" in state:
         n_params = Shape.from_config(state["model_config"]).num_params(non_embedding=True)
     else:
-        raise ValueError(f"{run_dir}: no checkpoint (ckpt_*/trainer_state.pt) or run.json to read the model from")
+        raise ValueError(f"{run_dir}: no checkpoint (ckpt_*/trainer_state.json) or run.json to read the model from")
     if "tokens_per_step" in info:
         per_step = int(info["tokens_per_step"])
     elif "config" in state:

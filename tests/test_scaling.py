@@ -51,7 +51,9 @@ def test_two_points_fit_without_ci_and_bad_input_errors():
         fit_power_law([1e6, 1e6], [3.0, 2.0])
 
 
-def fake_run(folder, n_layer, n_embd, steps, val_loss, batch=4, block=64):
+def fake_run(folder, n_layer, n_embd, steps, val_loss, batch=4, block=64, layout="json"):
+    """A finished run's folder: metrics.jsonl and a checkpoint's trainer state, as trainer_state.json (the
+    layout written now) or pickled in trainer_state.pt (by an older gpt2fast)."""
     folder.mkdir(parents=True)
     rows = [{"step": s, "loss": val_loss + 0.5, "lr": 1e-3} for s in range(1, steps + 1)]
     rows[steps // 2]["val_loss"] = val_loss + 1
@@ -59,18 +61,26 @@ def fake_run(folder, n_layer, n_embd, steps, val_loss, batch=4, block=64):
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ckpt = folder / f"ckpt_{steps:07d}"
     ckpt.mkdir()
-    torch.save({"step": steps, "config": {"tokens_per_step": 0, "batch_size": batch, "block_size": block},
-                "model_config": {"n_layer": n_layer, "n_head": 2, "n_embd": n_embd, "block_size": block,
-                                 "vocab_size": 50257}}, ckpt / "trainer_state.pt")
+    state = {"step": steps, "config": {"tokens_per_step": 0, "batch_size": batch, "block_size": block},
+             "model_config": {"n_layer": n_layer, "n_head": 2, "n_embd": n_embd, "block_size": block,
+                              "vocab_size": 50257}}
+    if layout == "legacy":
+        torch.save(state, ckpt / "trainer_state.pt")
+    else:
+        from gpt2fast.train import write_trainer_state
+
+        write_trainer_state(ckpt, dict(state, optimizer={}, loader={}, rng={"torch": torch.get_rng_state()}))
 
 
-def test_fit_reads_run_folders(tmp_path, capsys):
+@pytest.mark.parametrize("layout", ["json", "legacy"])
+def test_fit_reads_run_folders(tmp_path, capsys, layout):
+    """Of either checkpoint layout; the older, pickled one through torch's weights-only unpickler."""
     from gpt2fast.compute import Shape
 
     shapes = [(1, 32), (2, 64), (4, 128), (6, 192)]
     for layers, width in shapes:
         n = Shape(layers, width, 2, seq=64).num_params(non_embedding=True)
-        fake_run(tmp_path / "runs" / f"L{layers}", layers, width, 20, float((8.8e13 / n) ** 0.076))
+        fake_run(tmp_path / "runs" / f"L{layers}", layers, width, 20, float((8.8e13 / n) ** 0.076), layout=layout)
     runs = scaling.find_runs([tmp_path / "runs"])
     assert [r.steps for r in runs] == [20] * 4 and runs[0].tokens == 20 * 4 * 64
     assert runs[0].n_params == Shape(1, 32, 2, seq=64).num_params(non_embedding=True)
@@ -90,6 +100,15 @@ def test_fit_errors_are_clear(tmp_path, capsys):
     (tmp_path / "r" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
     assert scaling.main(["fit", str(tmp_path / "r")]) == 2
     assert "no val_loss" in capsys.readouterr().err
+
+
+def test_fit_drops_a_torn_metrics_line(tmp_path):
+    fake_run(tmp_path / "r", 1, 32, 20, 4.0)
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 21, "loss": 4.')  # a crash (or a full disk) mid-line
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: its last line is torn"):
+        run = scaling.read_run(tmp_path / "r")
+    assert run.steps == 20 and run.val_loss == 4.0
 
 
 def test_tiny_sweep_on_the_cpu(tmp_path, small_shards, capsys):

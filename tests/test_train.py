@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +79,15 @@ def test_booleans_take_a_word_or_stand_alone(argv, expected):
     (["--max=3"], r"unknown setting 'max' .*did you mean --max-steps, --max-minutes"),
     (["--dropout=1"], r"--dropout must be in \[0, 1\), got 1.0"),
     (["--block-size=0"], "--block-size must be at least 1, got 0"),
+    # every numeric range, checked in one place: the flag, the value, and what the value means
+    (["--weight-decay=-5"], r"--weight-decay must be >= 0, got -5.0 \(0: no weight decay\)"),
+    (["--grad-clip=-1"], r"--grad-clip must be >= 0, got -1.0 \(0 turns clipping off\)"),
+    (["--max-minutes=-1"], r"--max-minutes must be >= 0, got -1.0 \(0: no time limit\)"),
+    (["--lr=nan"], "--lr must be a finite number, got nan"),
+    (["--lr=0"], r"--lr must be > 0, got 0.0"),
+    (["--beta2=1"], r"--beta2 must be in \[0, 1\), got 1.0"),
+    (["--warmup-steps=-1"], "--warmup-steps must be >= 0, got -1"),
+    (["--seed=-3"], r"--seed must be in \[0, 2\^63\), got -3"),
 ])
 def test_bad_settings_are_clear_errors(argv, message):
     with pytest.raises(ConfigError, match=message):  # a ValueError, as before
@@ -107,12 +117,14 @@ def test_help_lists_every_setting_with_its_default(capsys):
         value = getattr(defaults, name)
         shown = str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, str) else value
         assert f"(default: {shown})" in entries[flag(name)], name
-    assert "(default: 0.0015)" in entries["--lr"] and "(default: 'out')" in entries["--out-dir"]
+    assert "(default: 0.003)" in entries["--lr"] and "(default: 'out')" in entries["--out-dir"]
     assert "--max_steps" not in entries  # the older spelling is taken, not listed
     assert "--preset" in entries and "--config" in entries
 
 
 def test_main_prints_a_bad_setting_or_data_as_one_line(tmp_path, small_shards, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
     cases = [
         (["--batch-size=two"], "--batch-size takes an integer, got 'two'"),
         (["--data", str(small_shards), "--out-dir", str(tmp_path / "a"), "--model=gpt5", "--device=cpu"],
@@ -120,7 +132,13 @@ def test_main_prints_a_bad_setting_or_data_as_one_line(tmp_path, small_shards, c
         (["--data", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "b"), "--device=cpu"],
          str(tmp_path / "missing")),
         (["--out-dir", str(tmp_path / "c"), "--device=tpu"], "--device tpu: not a device"),
+        # before any work: the data is not even looked at
+        (["--data", str(tmp_path / "missing"), "--out-dir", str(a_file), "--device=cpu"],
+         f"--out-dir {a_file} is a file, not a folder"),
+        (["--out-dir", str(a_file / "below"), "--device=cpu"], f"--out-dir {a_file / 'below'}: cannot create"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["--out-dir", str(tmp_path / "d"), "--device=cuda"], "--device cuda: no CUDA GPU is visible"))
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -319,23 +337,58 @@ def test_interrupt_saves_a_checkpoint(tmp_path, small_shards, monkeypatch):
 
 
 def test_a_failed_checkpoint_write_leaves_the_last_one_whole(tmp_path, small_shards, monkeypatch):
-    trainer = Trainer(quick(tmp_path, small_shards, max_steps=3), log=lambda s: None)
-    trainer.run()
+    """The disk fills while step 6's checkpoint is written (injected: tests/test_faults.py fills a real one):
+    step 3's stays, the partial copy is removed, and the error says so, with the sizes and the fix."""
+    def full_disk(phase, step):
+        if (phase, step) == ("ckpt.state", 6):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "_fault_hook", full_disk)
     out = tmp_path / "out"
+    with pytest.raises(train.DiskFullError) as caught:
+        Trainer(quick(tmp_path, small_shards), log=lambda s: None).run()
+    message = str(caught.value)
+    assert f"cannot write checkpoint {out / 'ckpt_0000006'}: the disk is full (the checkpoint needs about" in message
+    assert f"the previous checkpoint {out / 'ckpt_0000003'} is intact" in message and "--resume" in message
+    assert isinstance(caught.value, train.InputError)  # main prints it as one line
     assert [p.name for p in train.checkpoint_dirs(out)] == ["ckpt_0000003"]
+    assert not (out / ".tmp_ckpt_0000006").exists()
+    assert train.read_checkpoint(out / "ckpt_0000003")[0]["step"] == 3
 
-    def full_disk(obj, f, *args, **kwargs):
-        with open(f, "wb") as partial:
-            partial.write(b"half")
-        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train.torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space left"):
-        trainer.save()  # the same step again: it would replace ckpt_0000003
-    assert [p.name for p in train.checkpoint_dirs(out)] == ["ckpt_0000003"]
-    assert torch.load(out / "ckpt_0000003" / "trainer_state.pt", weights_only=False)["step"] == 3
-    left = [p.name for p in (out / ".tmp_ckpt_0000003").iterdir()]
-    assert not [name for name in left if "trainer_state" in name], left  # the partial file is gone, never renamed
+def test_a_checkpoint_is_safetensors_and_json_with_checksums(tmp_path, small_shards):
+    """No pickle: the weights and every tensor of the trainer's state in safetensors, the rest in JSON, and a
+    manifest of sizes and sha256s; GPT2.from_pretrained and transformers read the folder as it is."""
+    Trainer(quick(tmp_path, small_shards, max_steps=3), log=lambda s: None).run()
+    folder = tmp_path / "out" / "ckpt_0000003"
+    assert sorted(p.name for p in folder.iterdir()) == ["checksums.json", "config.json", "model.safetensors",
+                                                        "trainer_state.json", "trainer_state.safetensors"]
+    manifest = json.loads((folder / "checksums.json").read_text())
+    assert sorted(manifest["files"]) == sorted(train.CHECKPOINT_FILES)
+    for name, entry in manifest["files"].items():
+        assert entry == train.checksum_entry(folder / name), name
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["loader"]["position"] == 3 * 2 and state["config"]["max_steps"] == 3
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "trainer_state.safetensors")
+    assert tensors["rng/torch"].dtype == torch.uint8
+    assert any(key.startswith("optimizer/") and key.endswith("/exp_avg_sq") for key in tensors)
+
+
+def test_a_resumed_run_keeps_its_history(tmp_path, small_shards):
+    """metrics.jsonl after a resume: the steps up to the checkpoint once, then the new ones; the plot's history
+    includes the checkpoint's own step."""
+    Trainer(quick(tmp_path, small_shards, max_steps=4), log=lambda s: None).run()  # ckpt_3, ckpt_4, steps 1-4
+    import shutil
+
+    shutil.rmtree(tmp_path / "out" / "ckpt_0000004")
+    resumed = Trainer(quick(tmp_path, small_shards, max_steps=4, resume=True), log=lambda s: None)
+    assert [h[0] for h in resumed.history] == [1, 2, 3]
+    assert sorted(metrics(tmp_path / "out")) == [1, 2, 3]  # step 4 is cut: it is trained again
+    resumed.run()
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
 
 def test_data_problems_are_clear_errors_before_training(tmp_path, small_shards):
@@ -396,3 +449,33 @@ def test_a_backend_that_cannot_run_here_is_one_line_and_exit_2(tmp_path, small_s
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "CUDA C++ backend cannot run here" in err and "Traceback" not in err
+
+
+def test_the_default_run_learns_its_own_vocabulary_and_writes_a_summary(tmp_path, capsys):
+    """No --data: the packaged corpus with a BPE vocabulary learned from its training split; summary.json and
+    the closing line report the loss per token and per byte beside the unigram baseline; the checkpoint carries
+    the vocabulary, so generate decodes with it."""
+    from gpt2fast.generate import load_tokenizer
+
+    out = tmp_path / "out"
+    argv = [f"--out-dir={out}", "--vocab=corpus:300", "--max-steps=4", "--batch-size=2", "--block-size=32",
+            "--eval-interval=2", "--eval-batches=1", "--warmup-steps=1", "--device=cpu"]
+    assert main(argv) == 0
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("steps", "seconds", "tokens_per_s", "val_loss", "unigram_entropy", "val_bits_per_byte",
+                "unigram_bits_per_byte"):
+        assert key in summary, key
+    assert summary["steps"] == 4 and summary["vocab_size"] == 300
+    assert f"{summary['val_bits_per_byte']:.3f} bits/byte" in closing and "unigram" in closing
+    checkpoint = Path(summary["checkpoint"])
+    assert load_tokenizer(checkpoint).n_vocab == 300
+    assert json.loads((checkpoint / "config.json").read_text())["vocab_size"] == 300
+
+
+def test_vocab_gpt2_keeps_gpt2s_tokenizer(tmp_path):
+    cfg = TrainConfig(out_dir=str(tmp_path / "out"), vocab="gpt2", max_steps=1, batch_size=2, block_size=32,
+                      device="cpu")
+    trainer = Trainer(cfg, log=lambda s: None)
+    assert trainer.tokenizer.n_vocab == 50257 and trainer.model.config.vocab_size == 50257
+    assert trainer.data_dir == tmp_path / "out" / "data"
