@@ -25,3 +25,30 @@ def pick_device(name: str, flag: str = "--device") -> torch.device:
     elif device.type != "cpu":
         raise ConfigError(f"{flag} {name}: only cpu and cuda devices are supported")
     return device
+
+
+def idle_cores(sample_s: float = 0.25) -> int:
+    """How many of this machine's cores are idle now, from two reads of /proc/stat (Linux): on a CPU, a thread
+    per core that another program keeps busy makes every step wait for the slowest thread, so the trainer uses
+    the idle ones. Where /proc/stat cannot be read, every core counts."""
+    import os
+    import time
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    def times():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = times()
+        time.sleep(sample_s)
+        total1, idle1 = times()
+    except (OSError, ValueError, IndexError):
+        return cores
+    if total1 <= total0:
+        return cores
+    machine = os.cpu_count() or cores
+    busy = machine * (1 - (idle1 - idle0) / (total1 - total0))
+    return max(1, min(cores, round(machine - busy)))

@@ -49,7 +49,7 @@ from gpt2fast._io import (
     write_checksums,
 )
 from gpt2fast.compute import model_flops_per_token
-from gpt2fast.devices import pick_device
+from gpt2fast.devices import idle_cores, pick_device
 from gpt2fast.errors import ConfigError, DataError, InputError
 from gpt2fast.hardware import detect_gpu
 from gpt2fast.ops._dispatch import BackendUnavailable
@@ -98,6 +98,9 @@ class TrainConfig:
     dtype: str = _setting("auto", "auto: bf16 on GPUs that have it, fp16 (loss scaling) on older GPUs, fp32 on "
                                   "the CPU; or float32, bfloat16, float16")
     device: str = _setting("auto", "auto, cpu, cuda, cuda:1...")
+    threads: int = _setting(0, "CPU threads for a run on the CPU; 0: as many as there are idle cores when it "
+                               "starts (another program's busy core would make every step wait); give a number "
+                               "to pin it, e.g. for a bit-exact --resume under a different machine load")
     seed: int = _setting(1337, "seeds the initial weights, the batch order and the samples")
     # evaluation, logging, checkpoints
     tensorboard: bool = _setting(False, "also write the metrics for TensorBoard to out_dir/tensorboard "
@@ -153,18 +156,21 @@ _RANGES = (
     (("beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)", " (AdamW's moment decay rates: 0.9, 0.95)"),
     (("grad_clip",), lambda v: v >= 0, ">= 0", " (0 turns clipping off)"),
     (("max_minutes",), lambda v: v >= 0, ">= 0", " (0: no time limit)"),
+    (("threads",), lambda v: v >= 0, ">= 0", " (0: the idle cores)"),
 )
 
 
 PRESETS = {
     "default": {},
     # GPT-2's own recipe, nanoGPT-style: 0.5M tokens per step
-    **{name: dict(model=name, block_size=1024, batch_size=batch, tokens_per_step=524_288, lr=lr, min_lr=lr / 10,
+    **{name: dict(model=name, vocab="gpt2", block_size=1024, batch_size=batch, tokens_per_step=524_288, lr=lr,
+                  min_lr=lr / 10,
                   warmup_steps=700, max_steps=19_073, max_minutes=0, eval_interval=250, eval_batches=20,
                   checkpoint_interval=1000, sample_interval=1000)
        for name, batch, lr in (("gpt2", 32, 6e-4), ("gpt2-medium", 16, 3e-4), ("gpt2-large", 8, 2.5e-4),
                                ("gpt2-xl", 4, 2e-4))},
-    "gpt2-mini": dict(model="gpt2-mini", block_size=256, batch_size=16, lr=1e-3, min_lr=1e-4, max_minutes=0),
+    "gpt2-mini": dict(model="gpt2-mini", vocab="gpt2", block_size=256, batch_size=16, lr=1e-3, min_lr=1e-4,
+                      max_minutes=0),
 }
 
 
@@ -825,6 +831,12 @@ class Trainer:
             raise ConfigError(f"--out-dir {self.out_dir}: cannot create the folder ({e.strerror}); give a folder "
                               f"you can write to") from None
         self.device = _pick_device(cfg.device)
+        if self.device.type == "cpu":
+            threads = cfg.threads or min(torch.get_num_threads(), idle_cores())
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+                self.log(f"using {threads} CPU thread{'s' if threads > 1 else ''}"
+                         + ("" if cfg.threads else " (the idle cores; --threads sets it)"))
         if self.world > 1:
             self._init_distributed()
         self.dtype = pick_dtype(cfg, self.device)
