@@ -14,19 +14,8 @@ from pathlib import Path
 
 import torch
 
+from gpt2fast._cli import at_least
 from gpt2fast.devices import pick_device
-
-
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
-        return value
-    return parse
 
 
 def _number(text: str) -> float:
@@ -84,9 +73,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="folder with config.json and model.safetensors")
     parser.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    parser.add_argument("--max-new-tokens", type=_at_least(1), default=200)
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=200)
     parser.add_argument("--temperature", type=_temperature, default=0.8, help="0 for greedy decoding")
-    parser.add_argument("--top-k", type=_at_least(1), default=200)
+    parser.add_argument("--top-k", type=at_least(1), default=200)
     parser.add_argument("--top-p", type=_top_p, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1...")

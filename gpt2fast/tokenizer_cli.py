@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from gpt2fast._cli import at_least
 from gpt2fast.textio import default_corpus_path, iter_documents
 from gpt2fast.tokenizer import Tokenizer
 
@@ -129,18 +130,6 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gpt2fast.tokenizer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,15 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, required=True, help="tokens in all: 256 bytes + merges + specials")
     p.add_argument("--out", required=True, help="folder for encoder.json and vocab.bpe")
     p.add_argument("--special", nargs="*", default=["<|endoftext|>"], help="special tokens (default: <|endoftext|>)")
-    p.add_argument("--threads", type=_at_least(1), default=None, help="threads for counting (default: all cores)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="threads for counting (default: all cores)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("bench", help="measure encoding throughput (beside tiktoken when installed)")
     p.add_argument("inputs", nargs="*", help="files or folders (default: the corpus shipped in the package)")
     p.add_argument("--vocab", help=vocab_help)
-    p.add_argument("--threads", type=_at_least(1), default=None,
+    p.add_argument("--threads", type=at_least(1), default=None,
                    help="threads for the batch runs (default: all cores)")
-    p.add_argument("--repeat", type=_at_least(1), default=3, help="runs per measurement; the best is reported")
+    p.add_argument("--repeat", type=at_least(1), default=3, help="runs per measurement; the best is reported")
     p.set_defaults(run=cmd_bench)
     return parser
 
