@@ -99,7 +99,7 @@ def test_training_step_tokens_per_second(benchmark, batches, impl):
 @pytest.fixture(scope="module")
 def corpus_batches(tmp_path_factory):
     """LOSS_STEPS batches of real text: ../shared/data/corpus (or the packaged corpus) prepared to shards,
-    without near-dedup (this measures training, not the data pipeline, and needs no datasketch)."""
+    without near-dedup (this measures training, not the data pipeline, and needs no MinHash library)."""
     from pathlib import Path
 
     from gpt2fast import data

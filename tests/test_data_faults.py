@@ -28,6 +28,7 @@ from gpt2fast.data import (
     read_manifest,
     shards,
     unigram_entropy,
+    work,
 )
 from gpt2fast.data.shards import rebuild_dir
 
@@ -211,7 +212,7 @@ def test_a_failed_force_rebuild_leaves_the_data_as_it_was(corpus, finished, monk
 
 def test_ctrl_c_during_a_force_rebuild_says_the_data_is_kept(corpus, finished, monkeypatch, capsys):
     before = _snapshot(finished)
-    monkeypatch.setattr(pipeline, "as_uint16", lambda ids, tokenizer: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(work, "as_uint16", lambda ids, tokenizer: (_ for _ in ()).throw(KeyboardInterrupt()))
     argv = ["prepare", *map(str, corpus["inputs"]), "--out", str(finished), "--min-chars", "10", "--force",
             "--no-progress"]
     assert main(argv) == 130
@@ -295,7 +296,7 @@ def test_an_interrupted_plain_run_still_resumes_in_place(corpus, tmp_path, monke
     """Without a finished folder there is nothing to keep: the run builds in place, and the next one removes
     what it left and rebuilds, to the same bytes."""
     out = tmp_path / "out"
-    monkeypatch.setattr(pipeline, "as_uint16", lambda ids, tokenizer: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(work, "as_uint16", lambda ids, tokenizer: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         prepare(corpus["inputs"], out, PrepareOptions(**SMALL), force=True, **quiet)
     monkeypatch.undo()

@@ -19,11 +19,11 @@ from gpt2fast.data import (
     TokenLoader,
     clean_text,
     main,
-    pipeline,
     prepare,
     read_shard_header,
     shards,
     unigram_entropy,
+    work,
 )
 from gpt2fast.data import options as options_module
 
@@ -75,9 +75,10 @@ def test_manifest_and_funnel_plot(prepared, corpus):
     assert manifest["tokenizer"] == {"name": "gpt2", "vocab_size": 50257, "eot_token": 50256}
     assert manifest["dtype"] == "uint16" and manifest["shard_version"] == 1
     assert manifest["options"]["min_score"] == 3 and manifest["options"]["exclude_domains"] == ["wikipedia.org"]
-    assert manifest["options"]["val_fraction"] == 0.3 and manifest["options"]["num_perm"] == 128
+    assert manifest["options"]["val_fraction"] == 0.3 and manifest["options"]["shingle_normalize"] is True
     assert [i["path"] for i in manifest["inputs"]] == [str(p.resolve()) for p in corpus["inputs"]]
-    assert "created" in manifest and manifest["funnel_plot"] == "funnel.png"
+    assert manifest["funnel_plot"] == "funnel.png"
+    assert "created" not in manifest and "seconds" not in manifest  # the same data makes the same manifest
     tokens = sum(s["tokens"] for s in manifest["splits"].values())
     assert manifest["stages"][-1]["tokens"] == tokens
     assert 0 < manifest["splits"]["train"]["max_token"] < 50257
@@ -102,7 +103,7 @@ def test_rerun_is_a_noop_and_other_options_need_force(corpus, tmp_path):
     first = prepare(corpus["inputs"], out, PrepareOptions(**SMALL), log=lambda s: None)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     said = []
-    again = prepare(corpus["inputs"], out, PrepareOptions(**SMALL, num_threads=1), log=said.append)
+    again = prepare(corpus["inputs"], out, PrepareOptions(**SMALL, workers=1), log=said.append)
     assert again == first and "nothing to do" in said[0]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     with pytest.raises(DataError, match=r"options.min_chars: 200 -> 50.*--force"):
@@ -152,7 +153,7 @@ def test_a_crash_leaves_nothing_that_looks_finished(corpus, tmp_path, monkeypatc
 
 def test_a_crash_while_tokenizing_leaves_no_manifest(corpus, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setattr(pipeline, "as_uint16", lambda ids, tokenizer: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(work, "as_uint16", lambda ids, tokenizer: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         prepare(corpus["inputs"], out, PrepareOptions(**SMALL), log=lambda s: None)
     _assert_unfinished(out)
@@ -196,21 +197,22 @@ def test_the_command_line_is_built_from_the_options():
     spelled = _parse("--min-score", "5", "--exclude-domains", "a.org,.B.com", "--min-chars", "10",
                      "--max-chars", "99", "--min-letter-share", "0.5", "--max-dup-line-share", "0.4",
                      "--max-top-ngram-share", "0.3", "--repetition-ngram", "2", "--near-dup-threshold", "0.7",
-                     "--num-perm", "64", "--shingle-words", "3", "--val-fraction", "0.1", "--seed", "1",
-                     "--shard-tokens", "500", "--threads", "2", "--batch-docs", "8", "--batch-chars", "1000",
-                     "--strict")
+                     "--no-shingle-normalize", "--shingle-words", "3", "--val-fraction", "0.1", "--seed", "1",
+                     "--shard-tokens", "500", "--workers", "2", "--engine", "ray", "--batch-docs", "8",
+                     "--batch-chars", "1000", "--strict")
     assert spelled == PrepareOptions(
         min_score=5, exclude_domains=("a.org", "b.com"), min_chars=10, max_chars=99, min_letter_share=0.5,
-        max_dup_line_share=0.4, max_top_ngram_share=0.3, repetition_ngram=2, near_dup_threshold=0.7, num_perm=64,
-        shingle_words=3, val_fraction=0.1, seed=1, shard_tokens=500, num_threads=2, batch_docs=8, batch_chars=1000,
-        strict=True)
+        max_dup_line_share=0.4, max_top_ngram_share=0.3, repetition_ngram=2, near_dup_threshold=0.7,
+        shingle_normalize=False, shingle_words=3, val_fraction=0.1, seed=1, shard_tokens=500, workers=2, engine="ray",
+        batch_docs=8, batch_chars=1000, strict=True)
     assert _parse("--no-score-filter", "--min-score", "9").min_score is None  # in either order
     assert _parse("--no-near-dedup").near_dedup is False
     assert _parse("--exclude-domains", "").exclude_domains == ()
     for f in dataclasses.fields(PrepareOptions):  # every field has its help
         assert f.metadata["help"], f.name
     assert set(PrepareOptions().output_options()) == {
-        f.name for f in dataclasses.fields(PrepareOptions)} - {"num_threads", "batch_docs", "batch_chars", "strict"}
+        f.name for f in dataclasses.fields(PrepareOptions)} - {"workers", "engine", "batch_docs", "batch_chars",
+                                                         "strict"}
 
 
 def test_every_flag_is_in_the_user_guide():

@@ -4,10 +4,9 @@ Kept apart from the pipeline so each rule can be read, tested and reused on its 
 document's words once for both the repetition rule here and the near-duplicate shingles in ``dedup``."""
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -128,21 +127,83 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+_PUNCTUATION = re.compile(r"[^\w\s]|_")
+_DIGIT = re.compile(r"\d")
+
+
+def normalize_for_shingles(text: str) -> str:
+    """The text near-dedup compares: lower case, every digit a 0, punctuation (anything neither a word
+    character nor a space) dropped. So templated pages that differ only in numbers, dates or punctuation
+    shingle alike; the document itself is not changed."""
+    return _DIGIT.sub("0", _PUNCTUATION.sub("", text.lower()))
+
+
+_P = 0x100000001B3  # odd, so invertible modulo 2**64
+_Q = pow(_P, -1, 1 << 64)
+
+
+_POWERS = {}  # base -> base**0, base**1, ... modulo 2**64, grown by doubling as longer texts come
+
+
+def _powers(base: int, n: int) -> np.ndarray:
+    """base**0 .. base**(n-1) modulo 2**64 (a view of a shared table: do not write to it)."""
+    table = _POWERS.get(base)
+    if table is None or len(table) < n:
+        size = max(n, 2 * len(table) if table is not None else 1 << 16)
+        table = np.full(size, base, np.uint64)
+        table[0] = 1
+        np.cumprod(table, out=table)
+        _POWERS[base] = table
+    return table[:n]
+
+
+def word_hashes(words: List[str]) -> np.ndarray:
+    """A 64-bit hash of each word (none may hold a space), all at once: a polynomial hash of its UTF-8 bytes
+    (prefix sums over the joined words, so no Python call per word), then SplitMix64's finalizer. The same in
+    every process and on every machine."""
+    if not words:
+        return np.zeros(0, np.uint64)
+    buf = np.frombuffer((" ".join(words) + " ").encode("utf-8", "surrogatepass"), np.uint8)
+    ends = np.flatnonzero(buf == 32)  # the space after each word
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    n = len(buf)
+    with np.errstate(over="ignore"):
+        prefix = np.zeros(n + 1, np.uint64)
+        np.cumsum((buf.astype(np.uint64) + np.uint64(1)) * _powers(_Q, n), out=prefix[1:])
+        # sum over the word's bytes b_k of (b_k + 1) * P**(end - 1 - k), by the prefix sums' difference
+        h = (prefix[ends] - prefix[starts]) * _powers(_P, n)[ends - 1]
+        return _mix64(h ^ ((ends - starts).astype(np.uint64) * _M64))
+
+
 class Words:
-    """A document's lower-cased, whitespace-separated words, hashed once (BLAKE2b of each distinct word)
-    for the repetition rule and the near-duplicate shingles."""
+    """A document's lower-cased, whitespace-separated words, hashed once (``word_hashes`` of each distinct
+    word) for the repetition rule and the near-duplicate shingles."""
 
     def __init__(self, text: str):
         words = text.lower().split()
-        index: Dict[str, int] = {}
-        ids = np.fromiter((index.setdefault(w, len(index)) for w in words), np.int64, len(words))
-        lengths = np.fromiter(map(len, index), np.int64, len(index))
-        hashes = np.fromiter((int.from_bytes(hashlib.blake2b(w.encode("utf-8", "surrogatepass"),
-                                                             digest_size=8).digest(), "little") for w in index),
-                             np.uint64, len(index))
-        self.count = len(words)
-        self.lengths = lengths[ids]
-        self.hashes = hashes[ids]
+        distinct = list(dict.fromkeys(words))
+        position = {w: i for i, w in enumerate(distinct)}
+        self._set(distinct, np.fromiter(map(position.__getitem__, words), np.int64, len(words)))
+
+    def _set(self, distinct: List[str], ids: np.ndarray) -> None:
+        self.distinct, self.ids = distinct, ids
+        self.count = len(ids)
+        self.lengths = np.fromiter(map(len, distinct), np.int64, len(distinct))[ids]
+        self.hashes = word_hashes(distinct)[ids]
+
+    def normalized(self) -> Words:
+        """The words of ``normalize_for_shingles(text)`` (a word left with no character goes), from these
+        words' distinct forms rather than from the text again."""
+        forms = normalize_for_shingles(" ".join(self.distinct)).split(" ")  # one form per distinct word
+        distinct = list(dict.fromkeys(f for f in forms if f))
+        position = {w: i for i, w in enumerate(distinct)}
+        form_id = np.fromiter((position[f] if f else -1 for f in forms), np.int64, len(forms))
+        ids = form_id[self.ids] if self.count else np.zeros(0, np.int64)
+        out = Words.__new__(Words)
+        out._set(distinct, ids[ids >= 0])
+        return out
 
     def ngram_hashes(self, n: int) -> np.ndarray:
         """A 64-bit hash of each run of n consecutive words (one, of all the words, if there are fewer)."""

@@ -57,16 +57,21 @@ class PrepareOptions:
     near_dup_threshold: float = _option(
         0.8, "Jaccard similarity of word shingles above which a document is a near-duplicate",
         rule=_share(low_open=True, high_open=True))
-    num_perm: int = _option(128, "MinHash permutations", rule=_at_least(2))
     shingle_words: int = _option(5, "words per shingle", rule=_at_least(1))
+    shingle_normalize: bool = _option(True, "shingle the text as it is, not normalised (lower case, digits to 0, "
+                                            "punctuation dropped) first")  # its flag: --no-shingle-normalize
     val_fraction: float = _option(0.005, "share of documents in the val split (at least one when there are two "
                                          "or more)", rule=_share(high_open=True))
     seed: int = _option(1337, "seed of the train/val split", rule=_at_least(0))
     shard_tokens: int = _option(100_000_000, "tokens per shard", rule=_at_least(1))
-    num_threads: Optional[int] = _option(None, "tokenizer threads (all cores if not given)", flag="--threads",
-                                         rule=_at_least(1), output=False)
-    batch_docs: int = _option(1024, "documents per tokenizer batch", rule=_at_least(1), output=False)
-    batch_chars: int = _option(8_000_000, "characters per tokenizer batch", rule=_at_least(1), output=False)
+    workers: Optional[int] = _option(None, "worker processes (all cores if not given; with --engine ray, the "
+                                           "cluster's CPUs); the output does not depend on it",
+                                     rule=_at_least(1), output=False)
+    engine: str = _option("local", "where the work runs: 'local' (this machine's processes) or 'ray' (a Ray "
+                                   "cluster: RAY_ADDRESS, else a local Ray instance; needs gpt2fast[ray])",
+                          rule=((lambda v: v in ("local", "ray")), "'local' or 'ray'"), output=False)
+    batch_docs: int = _option(1000, "documents per work chunk", rule=_at_least(1), output=False)
+    batch_chars: int = _option(1_000_000, "characters per work chunk", rule=_at_least(1), output=False)
     # Not an output option: a strict run that succeeds read every record, so it made what a lenient one makes.
     strict: bool = _option(False, "stop with an error at the first unreadable input record (not JSON, no string "
                                   "'text', not UTF-8, a damaged gzip) instead of skipping and counting it",

@@ -15,17 +15,17 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from gpt2fast._io import fsync_dir, write_atomic
-from gpt2fast.data.clean import Words, clean_text, host_excluded, quality_problem, url_host
-from gpt2fast.data.dedup import ExactDuplicates, NearDuplicates, text_hash
+from gpt2fast.data.dedup import first_occurrences, greedy_drops, lsh_params
+from gpt2fast.data.engine import default_workers, make_engine
 from gpt2fast.data.funnel import funnel_plot_png, funnel_table
 from gpt2fast.data.options import PrepareOptions
 from gpt2fast.data.shards import (
@@ -33,22 +33,29 @@ from gpt2fast.data.shards import (
     HEADER_BYTES,
     MANIFEST,
     MANIFEST_FORMAT,
-    MAX_VOCAB,
     SHARD_MAGIC,
     SHARD_VERSION,
     SPLITS,
-    TOKEN_DTYPE,
     PathLike,
     ShardError,
     ShardWriter,
-    as_uint16,
     check_vocabulary,
     read_manifest,
     read_shard_header,
     rebuild_dir,
 )
+from gpt2fast.data.work import (
+    ENTRIES_PER_PARTITION,
+    WORK_DIR,
+    ChunkReader,
+    Context,
+    check_eot,
+    dedup_partition,
+    map_chunk,
+    save_index,
+)
 from gpt2fast.errors import DataError
-from gpt2fast.textio import BadRecord, Record, default_corpus_path, iter_files, iter_records
+from gpt2fast.textio import BadRecord, default_corpus_path, iter_files, iter_records
 
 _MAX_WARNINGS = 20  # unreadable records reported one by one; the rest only in the summary and the manifest
 _MAX_LINES = 100  # line numbers of unreadable records the manifest lists per file (it counts them all)
@@ -84,13 +91,14 @@ def prepare(inputs: Sequence[PathLike] = (), out_dir: PathLike = "data", options
             old = _finished_like_this(out_dir, fingerprint, out_options, input_files, tokenizer)
             if options.strict:
                 _refuse_skipped_records(out_dir, old)
-            log(f"{out_dir} is already prepared with these options and inputs (manifest from "
-                f"{old.get('created')}); nothing to do (--force rebuilds it)")
+            log(f"{out_dir} is already prepared with these options and inputs; nothing to do (--force rebuilds "
+                f"it)")
             return old
         folder = _start_rebuild(out_dir)  # the finished data stays in place until the new is complete
     else:
         _clear(out_dir, log)
         folder = out_dir
+    started = time.perf_counter()
     try:
         manifest = _build(inputs, folder, options, tokenizer, progress, fingerprint=fingerprint,
                           out_options=out_options, input_files=input_files)
@@ -101,6 +109,10 @@ def prepare(inputs: Sequence[PathLike] = (), out_dir: PathLike = "data", options
     if rebuilding:
         _move_in(folder, out_dir)
     log(funnel_table(manifest))
+    seconds = time.perf_counter() - started
+    mb = manifest["stages"][0]["bytes_in"] / 1e6
+    log(f"prepared {mb:,.1f} MB in {seconds:.1f} s ({mb / max(seconds, 1e-9):.2f} MB/s; {options.engine} engine, "
+        f"{options.workers or default_workers()} worker(s))")
     log(f"wrote {sum(len(v['shards']) for v in manifest['splits'].values())} shard(s), {FUNNEL_PNG} and {MANIFEST} "
         f"to {out_dir}")
     _summarize_unreadable(manifest)
@@ -110,10 +122,10 @@ def prepare(inputs: Sequence[PathLike] = (), out_dir: PathLike = "data", options
 def _build(inputs: Sequence[Path], folder: Path, options: PrepareOptions, tokenizer, progress: Optional[bool], *,
            fingerprint: str, out_options: dict, input_files: List[dict]) -> dict:
     """Run the stages into ``folder`` (empty of our files) and write its funnel and manifest, last."""
-    started = time.time()
+    check_eot(tokenizer)
     writers = {s: ShardWriter(folder, s, options.shard_tokens) for s in SPLITS}
     try:
-        stages, unreadable = _run_stages(inputs, options, tokenizer, writers, progress)
+        stages, unreadable = _run_stages(inputs, options, tokenizer, writers, progress, folder)
         for w in writers.values():
             w.close()
     except BaseException:
@@ -127,8 +139,6 @@ def _build(inputs: Sequence[Path], folder: Path, options: PrepareOptions, tokeni
         "shard_header": {"bytes": HEADER_BYTES, "magic": SHARD_MAGIC, "layout": "<int32 magic, int32 version, "
                                                                                 "int64 tokens>, zeros"},
         "dtype": "uint16",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(time.time() - started, 3),
         "fingerprint": fingerprint,
         "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.n_vocab, "eot_token": tokenizer.eot_token},
         "options": out_options,
@@ -236,6 +246,9 @@ def _clear(out_dir: Path, log: Callable[[str], None]) -> None:
     leftovers = _our_files(out_dir)
     for p in leftovers:
         p.unlink()
+    if (out_dir / WORK_DIR).is_dir():
+        shutil.rmtree(out_dir / WORK_DIR)
+        leftovers.append(out_dir / WORK_DIR)
     if leftovers:
         log(f"removed {len(leftovers)} file(s) left in {out_dir} by an unfinished run; rebuilding")
 
@@ -277,6 +290,7 @@ def _remove_rebuild(folder: Path) -> bool:
     """Delete the rebuild folder's files (only ours) and the folder; whether it is gone."""
     for p in _our_files(folder):
         p.unlink(missing_ok=True)
+    shutil.rmtree(folder / WORK_DIR, ignore_errors=True)
     try:
         folder.rmdir()
     except OSError:
@@ -350,69 +364,11 @@ def _stages(opts: PrepareOptions) -> Dict[str, _Stage]:
         _Stage("clean", "clean-up (NFC, whitespace, boilerplate)", extra={"boilerplate_lines_removed": 0}),
         _Stage("quality", "quality heuristics"),
         _Stage("exact_dedup", "exact de-duplication"),
-        _Stage("near_dedup", f"near-duplicates (MinHash LSH, J >= {opts.near_dup_threshold:g})"
+        _Stage("near_dedup", f"near-duplicates (MinHash LSH, verified J >= {opts.near_dup_threshold:g})"
                if opts.near_dedup else "near-duplicates (off)"),
         _Stage("tokenize", "tokenized (GPT-2 BPE)", extra={"tokens": 0}),
     ]
     return {s.name: s for s in stages}
-
-
-class _Kept(NamedTuple):
-    """A document that passed stages 1-6: its cleaned text, that text's UTF-8 size and its hash."""
-    text: str
-    nbytes: int
-    digest: bytes
-
-
-class _Filters:
-    """Stages 1-6 (score, domain, clean-up, quality, exact and near dedup) for one document at a time; each
-    stage counts what it keeps and what it drops, and why."""
-
-    def __init__(self, opts: PrepareOptions, stages: Dict[str, _Stage]):
-        self.opts, self.stages = opts, stages
-        self.exact = ExactDuplicates()
-        self.near = (NearDuplicates(opts.near_dup_threshold, opts.num_perm, opts.shingle_words)
-                     if opts.near_dedup else None)
-
-    def apply(self, rec: Record) -> Optional[_Kept]:
-        """The document as it goes on to tokenization, or None if a stage dropped it."""
-        opts, st = self.opts, self.stages
-        raw_bytes = len(rec.text.encode("utf-8", "surrogatepass"))
-        st["input"].keep(raw_bytes, raw_bytes)
-        if opts.min_score is not None and rec.score is not None and rec.score < opts.min_score:
-            st["score"].drop(raw_bytes, "low_score")
-            return None
-        st["score"].keep(raw_bytes, raw_bytes)
-        if opts.exclude_domains and rec.url and host_excluded(url_host(rec.url), opts.exclude_domains):
-            st["domain"].drop(raw_bytes, "excluded_domain")
-            return None
-        st["domain"].keep(raw_bytes, raw_bytes)
-
-        text, removed = clean_text(rec.text)
-        st["clean"].extra["boilerplate_lines_removed"] += removed
-        if not text:
-            st["clean"].drop(raw_bytes, "empty")
-            return None
-        nbytes = len(text.encode("utf-8"))
-        st["clean"].keep(raw_bytes, nbytes)
-
-        words = Words(text)  # hashed once, for the repetition rule and the near-dedup shingles
-        problem = quality_problem(text, opts, words)
-        if problem:
-            st["quality"].drop(nbytes, problem)
-            return None
-        st["quality"].keep(nbytes, nbytes)
-
-        digest = text_hash(text)
-        if self.exact.seen(digest):
-            st["exact_dedup"].drop(nbytes, "duplicate")
-            return None
-        st["exact_dedup"].keep(nbytes, nbytes)
-        if self.near is not None and self.near.seen(words):
-            st["near_dedup"].drop(nbytes, "near_duplicate")
-            return None
-        st["near_dedup"].keep(nbytes, nbytes)
-        return _Kept(text, nbytes, digest)
 
 
 def split_draw(seed: int, digest: bytes) -> float:
@@ -465,39 +421,6 @@ class _Splitter:
             to_val = self.writers["val"].documents == 0 and self.writers["train"].documents > 0
             self.writers["val" if to_val else "train"].write(self.held[1], 1)
             self.held = None
-
-
-class _Tokenize:
-    """Stage 7: kept documents, tokenized a batch at a time on all cores, each preceded by <|endoftext|>."""
-
-    def __init__(self, tokenizer, opts: PrepareOptions, stage: _Stage, splitter: _Splitter):
-        self.tokenizer, self.opts, self.stage, self.splitter = tokenizer, opts, stage, splitter
-        self.eot = tokenizer.eot_token
-        if self.eot >= MAX_VOCAB:
-            raise DataError(f"the tokenizer's <|endoftext|> id {self.eot} does not fit in a uint16 shard; use a "
-                            f"vocabulary of at most {MAX_VOCAB} tokens")
-        self._docs: List[_Kept] = []
-        self._chars = 0
-
-    def add(self, doc: _Kept) -> None:
-        self._docs.append(doc)
-        self._chars += len(doc.text)
-
-    @property
-    def full(self) -> bool:
-        return len(self._docs) >= self.opts.batch_docs or self._chars >= self.opts.batch_chars
-
-    def flush(self) -> None:
-        if not self._docs:
-            return
-        ids = self.tokenizer.encode_ordinary_batch([d.text for d in self._docs], num_threads=self.opts.num_threads)
-        for doc, doc_ids in zip(self._docs, ids):
-            tokens = np.concatenate(([self.eot], as_uint16(doc_ids, self.tokenizer))).astype(TOKEN_DTYPE)
-            self.stage.keep(doc.nbytes, doc.nbytes)
-            self.stage.extra["tokens"] += len(tokens)
-            self.splitter.add(tokens, doc.digest)
-        self.splitter.flush()
-        self._docs, self._chars = [], 0
 
 
 class _Unreadable:
@@ -559,38 +482,184 @@ def _refuse_skipped_records(out_dir: Path, manifest: dict) -> None:
 
 
 def _run_stages(inputs: Sequence[Path], opts: PrepareOptions, tokenizer, writers: Dict[str, ShardWriter],
-                progress: Optional[bool]) -> Tuple[List[_Stage], _Unreadable]:
+                progress: Optional[bool], folder: Path) -> Tuple[List[_Stage], _Unreadable]:
+    """Three passes: the per-document stages on chunks of the input, in parallel (``work.map_chunk``); the
+    dedup decisions, near-dedup in parallel partitions (``work.dedup_partition``) merged in input order; then
+    the kept documents' tokens into the shards, in input order."""
     stages = _stages(opts)
-    filters = _Filters(opts, stages)
-    splitter = _Splitter(writers, opts.val_fraction, opts.seed)
-    tokenize = _Tokenize(tokenizer, opts, stages["tokenize"], splitter)
     unreadable = _Unreadable(opts.strict, stages["input"])
-    records = iter_records(inputs, on_bad=unreadable)
-    bar = _progress_bar(records) if progress or (progress is None and sys.stderr.isatty()) else None
+    show = progress or (progress is None and sys.stderr.isatty())
+    work_dir = folder / WORK_DIR
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir()
+    engine = None
     try:
-        for rec in bar if bar is not None else records:
-            doc = filters.apply(rec)
-            if doc is None:
-                continue
-            tokenize.add(doc)
-            if tokenize.full:
-                tokenize.flush()
-                if bar is not None:
-                    bar.set_postfix(kept=stages["tokenize"].docs_out, tokens=stages["tokenize"].extra["tokens"])
-        tokenize.flush()
+        engine = make_engine(opts.engine, Context(opts, tokenizer, work_dir), opts.workers)
+        chunks = _map_phase(engine, iter_records(inputs, on_bad=unreadable), opts, stages, show)
+        drops = _dedup_phase(engine, chunks, opts, stages, work_dir, show)
+        _write_phase(chunks, drops, opts, stages, writers, work_dir, show)
     finally:
-        if bar is not None:
-            bar.close()
-    splitter.finish()
+        if engine is not None:
+            engine.close()
+        shutil.rmtree(work_dir, ignore_errors=True)
     if opts.val_fraction > 0 and writers["val"].documents == 0 and stages["tokenize"].docs_out:
         print(f"warning: only {stages['tokenize'].docs_out} document kept, so the val split is empty",
               file=sys.stderr)
     return list(stages.values()), unreadable
 
 
-def _progress_bar(records):
+class _Chunk(NamedTuple):
+    """What the driver keeps of a mapped chunk: for each of its documents that passed the quality rules, the
+    global index, cleaned size, text hash and shingle-set digest."""
+    index: int
+    start: int
+    docs: np.ndarray
+    nbytes: np.ndarray
+    digests: np.ndarray
+    set_digests: np.ndarray
+
+
+def _chunk_jobs(records, opts: PrepareOptions, starts: List[int]):
+    """(chunk index, records) jobs of at most ``batch_docs`` documents or ``batch_chars`` characters (a
+    document larger than that is a chunk of its own); ``starts`` gets each chunk's first global index."""
+    batch, chars, n = [], 0, 0
+    for rec in records:
+        batch.append((rec.text, rec.url, rec.score))
+        chars += len(rec.text)
+        if len(batch) >= opts.batch_docs or chars >= opts.batch_chars:
+            starts.append(n)
+            n += len(batch)
+            yield len(starts) - 1, batch
+            batch, chars = [], 0
+    if batch:
+        starts.append(n)
+        yield len(starts) - 1, batch
+
+
+def _add_counts(stage: _Stage, counts: dict) -> None:
+    stage.docs_in += counts["docs_in"]
+    stage.docs_out += counts["docs_out"]
+    stage.bytes_in += counts["bytes_in"]
+    stage.bytes_out += counts["bytes_out"]
+    for k, v in counts["dropped_by"].items():
+        stage.dropped_by[k] = stage.dropped_by.get(k, 0) + v
+    for k, v in counts["extra"].items():
+        stage.extra[k] = stage.extra.get(k, 0) + v
+
+
+def _map_phase(engine, records, opts: PrepareOptions, stages: Dict[str, _Stage], show: bool) -> List[_Chunk]:
+    starts: List[int] = []
+    chunks = []
+    bar = _bar(show, "filter, hash, tokenize", " docs")
+    started = time.perf_counter()
+    try:
+        for result in engine.map(map_chunk, _chunk_jobs(records, opts, starts)):
+            c = result["chunk"]
+            for name, counts in result["stages"].items():
+                _add_counts(stages[name], counts)
+            chunks.append(_Chunk(c, starts[c], (starts[c] + result["rows"]).astype(np.uint32),
+                                 result["nbytes"].astype(np.uint32), result["digests"], result["set_digests"]))
+            if bar is not None:
+                bar.update(result["records"])
+                mb = stages["input"].bytes_in / 1e6
+                bar.set_postfix_str(f"{mb:,.0f} MB, {mb / max(time.perf_counter() - started, 1e-9):.1f} MB/s, "
+                                    f"{engine.workers} worker(s)")
+    finally:
+        if bar is not None:
+            bar.close()
+    return chunks
+
+
+class _Drops(NamedTuple):
+    exact: np.ndarray  # per quality-passing document, in order: an exact duplicate
+    near: np.ndarray  # a near-duplicate
+
+
+def _dedup_phase(engine, chunks: List[_Chunk], opts: PrepareOptions, stages: Dict[str, _Stage], work_dir: Path,
+                 show: bool) -> _Drops:
+    n = sum(len(c.docs) for c in chunks)
+    exact = ~first_occurrences(np.concatenate([c.digests for c in chunks]) if chunks else np.zeros(0, np.uint64))
+    near = np.zeros(n, bool)
+    if not opts.near_dedup or not n:
+        return _Drops(exact, near)
+    docs = np.concatenate([c.docs for c in chunks])  # increasing
+    bands, rows = lsh_params(opts.near_dup_threshold)
+    set_digests = np.concatenate([c.set_digests for c in chunks])
+    candidates = np.flatnonzero(~exact & (set_digests != 0))  # documents without shingles are never near-dups
+    firsts = first_occurrences(set_digests[candidates])
+    near[candidates[~firsts]] = True  # the same shingle set as an earlier candidate: Jaccard 1 (docs/data.md)
+    eligible = np.zeros(n, bool)
+    eligible[candidates[firsts]] = True
+    del set_digests, candidates
+    chunk_rows = np.zeros(len(chunks) + 1, np.int64)
+    np.cumsum([len(c.docs) for c in chunks], out=chunk_rows[1:])
+    save_index(work_dir, chunk_rows, eligible, docs)
+    same_shingle_set = int((~firsts).sum())
+    del docs, firsts
+    parts = max(1, -(-int(eligible.sum()) // ENTRIES_PER_PARTITION))
+    jobs = [(band, part, parts) for band in range(bands) for part in range(parts)]
+    bar = _bar(show, "near-dedup partitions", " partitions", total=len(jobs))
+    found, candidate_pairs = [], 0
+    try:
+        for pairs, n_candidates in engine.map(dedup_partition, jobs):
+            found.append(pairs)
+            candidate_pairs += n_candidates
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    edges = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
+    dropped = np.array(sorted(greedy_drops(edges)), np.int64)
+    if len(dropped):
+        docs = np.load(work_dir / "index-global.npy", mmap_mode="r", allow_pickle=False)
+        near[np.searchsorted(docs, dropped)] = True
+    extra = stages["near_dedup"].extra
+    extra.update({"lsh_bands": bands, "lsh_rows": rows,
+                  "same_shingle_set": same_shingle_set, "candidate_pairs": candidate_pairs,
+                  "verified_pairs": len(edges)})
+    return _Drops(exact, near)
+
+
+def _write_phase(chunks: List[_Chunk], drops: _Drops, opts: PrepareOptions, stages: Dict[str, _Stage],
+                 writers: Dict[str, ShardWriter], work_dir: Path, show: bool) -> None:
+    splitter = _Splitter(writers, opts.val_fraction, opts.seed)
+    reader = ChunkReader(work_dir)
+    ex, nd, tk = stages["exact_dedup"], stages["near_dedup"], stages["tokenize"]
+    bar = _bar(show, "write shards", " docs", total=sum(len(c.docs) for c in chunks))
+    row = 0
+    try:
+        for c in chunks:
+            tokens = reader.array(c.index, "tokens")
+            offsets = reader.array(c.index, "tokens-offsets")
+            for r, (size, digest) in enumerate(zip(c.nbytes.tolist(), c.digests.tolist())):
+                if drops.exact[row + r]:
+                    ex.drop(size, "duplicate")
+                    continue
+                ex.keep(size, size)
+                if drops.near[row + r]:
+                    nd.drop(size, "near_duplicate")
+                    continue
+                nd.keep(size, size)
+                doc = np.array(tokens[offsets[r]:offsets[r + 1]])
+                tk.keep(size, size)
+                tk.extra["tokens"] += len(doc)
+                splitter.add(doc, digest.to_bytes(8, "little"))
+            splitter.flush()
+            row += len(c.docs)
+            if bar is not None:
+                bar.update(len(c.docs))
+    finally:
+        if bar is not None:
+            bar.close()
+    splitter.finish()
+
+
+def _bar(show: bool, desc: str, unit: str, total: Optional[int] = None):
+    if not show:
+        return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(records, unit=" docs", desc="prepare", file=sys.stderr, mininterval=0.5)
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, mininterval=0.5)
