@@ -61,3 +61,13 @@ def test_ray_output_is_byte_identical_to_local(inputs, tmp_path):
     assert stages["exact_dedup"]["dropped_by"] == {"duplicate": 5}
     assert stages["near_dedup"]["dropped_by"] == {"near_duplicate": 10}
     assert not (tmp_path / "ray" / ".prepare-work").exists()
+
+
+def test_a_progress_bar_per_pass_only_when_asked_or_on_a_terminal(inputs, tmp_path, capsys):
+    prepare(inputs, tmp_path / "quiet", PrepareOptions(min_chars=50, workers=1), log=lambda s: None)
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here: no bar
+    prepare(inputs, tmp_path / "shown", PrepareOptions(min_chars=50, workers=1), log=lambda s: None, progress=True)
+    err = capsys.readouterr().err
+    for bar in ("filter, hash, tokenize", "near-dedup partitions", "write shards"):
+        assert bar in err, bar
+    assert "MB/s" in err and "docs" in err

@@ -47,14 +47,24 @@ def synthetic_corpus(path: Path, n_docs: int, seed: int = 0, words: int = 80, ne
 
 _CHILD = """
 import json, resource, sys, time
-from gpt2fast.data import PrepareOptions, prepare
+from gpt2fast.data import PrepareOptions, pipeline, prepare
+
+def hwm_kb():  # VmHWM, not RUSAGE_SELF: ru_maxrss carries over the peak of the process that started this one
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+
+work = {}
+run_stages = pipeline._run_stages
+def measured(*args, **kwargs):  # the peak of the data work itself, before the funnel plot loads matplotlib
+    result = run_stages(*args, **kwargs)
+    work["kb"] = hwm_kb()
+    return result
+pipeline._run_stages = measured
 src, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 t = time.perf_counter()
 m = prepare([src], out, PrepareOptions(workers=workers, val_fraction=0.001), force=True, log=lambda s: None)
 seconds = time.perf_counter() - t
 near = next(s for s in m["stages"] if s["name"] == "near_dedup")
-# VmHWM, not RUSAGE_SELF: ru_maxrss carries over the peak of the process that started this one
-kb = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+kb = work["kb"]
 kb_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(json.dumps({"docs": m["stages"][0]["docs_in"], "mb": m["stages"][0]["bytes_in"] / 1e6,
                   "quality_passed": m["stages"][4]["docs_out"], "kept": near["docs_out"],
@@ -65,8 +75,10 @@ print(json.dumps({"docs": m["stages"][0]["docs_in"], "mb": m["stages"][0]["bytes
 
 
 def measure(src: Path, out: Path, workers: int = 1) -> dict:
-    """Prepare ``src`` in a fresh process; its counts, seconds and peak resident memory (``peak_rss_mb``: the
-    driver's peak plus, with worker processes, ``workers`` times the largest worker's: an upper bound)."""
+    """Prepare ``src`` in a fresh process; its counts, seconds and peak resident memory during the data work
+    (``peak_rss_mb``: the driver's peak up to the end of the three passes, before the funnel plot's fixed cost,
+    plus, with worker processes, ``workers`` times the largest worker's peak: an upper bound, as forked workers
+    share pages with the driver)."""
     done = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out), str(workers)], check=True,
                           capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -123,9 +123,14 @@ class RayEngine:
         self._ray = ray
         self._started = not ray.is_initialized()
         if self._started:
-            ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, **({} if os.environ.get("RAY_ADDRESS") or not workers
-                                                 else {"num_cpus": workers}))
+            address = os.environ.get("RAY_ADDRESS") or None
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                         **({} if address or not workers else {"num_cpus": workers}))
+            except Exception as e:  # ConnectionError, RuntimeError...: Ray's own, and the user's to fix
+                where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray instance"
+                raise DataError(f"--engine ray could not start or reach {where} ({type(e).__name__}: {e}); check "
+                                f"the cluster (`ray status`), or use --engine local") from None
         self.workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         actor = ray.remote(num_cpus=1)(_RayWorker)
         ctx_ref = ray.put(ctx)
