@@ -55,7 +55,8 @@ class PrepareOptions:
     repetition_ngram: int = _option(3, "n of that n-gram", rule=_at_least(1))
     near_dedup: bool = _option(True, "skip near-duplicate removal")  # a flag that turns it off: --no-near-dedup
     near_dup_threshold: float = _option(
-        0.8, "Jaccard similarity of word shingles above which a document is a near-duplicate",
+        0.8, "Jaccard similarity of word shingles from which (>=) a document is a near-duplicate; the LSH banding "
+             "follows from it",
         rule=_share(low_open=True, high_open=True))
     shingle_words: int = _option(5, "words per shingle", rule=_at_least(1))
     shingle_normalize: bool = _option(True, "shingle the text as it is, not normalised (lower case, digits to 0, "
