@@ -167,9 +167,14 @@ class _RayWorker:
 def import_ray():
     try:
         import ray
+        from ray.util import ActorPool  # noqa: F401
     except ImportError:
-        raise DataError(f"--engine ray needs Ray, which is not installed; install it with {RAY_EXTRA} (or use "
-                        f"--engine local)") from None
+        ray = sys.modules.get("ray")
+        where = getattr(ray, "__path__", None)
+        shadow = (f" (the `ray` that Python found, {list(where)[0]}, is a folder, not Ray: run from another "
+                  f"folder)" if where and not hasattr(ray, "init") else "")
+        raise DataError(f"--engine ray needs Ray, which is not installed{shadow}; install it with {RAY_EXTRA} "
+                        f"(or use --engine local)") from None
     return ray
 
 
