@@ -2,9 +2,11 @@
 loader the trainer reads them with. docs/data.md is the user's guide; ``python -m gpt2fast.data --help``.
 
 One module per job: ``shards`` (the folder format, its writer and readers), ``clean`` (clean-up, quality
-rules), ``dedup`` (exact and MinHash), ``pipeline`` (``prepare``: the stages, manifest), ``funnel`` (its
-table and plot), ``options`` (``PrepareOptions``, from which the CLI is built), ``loader`` (``TokenLoader``),
-``__main__`` (the CLI). Importing this package is cheap: rensa, matplotlib and torch load on first use."""
+rules), ``dedup`` (exact and MinHash, in mergeable pieces), ``work`` (what a worker does with a chunk or a
+dedup partition), ``engine`` (local processes or Ray), ``pipeline`` (``prepare``: the passes, the decisions,
+the manifest), ``funnel`` (its table and plot), ``options`` (``PrepareOptions``, from which the CLI is built),
+``loader`` (``TokenLoader``), ``__main__`` (the CLI). Importing this package is cheap: rensa, matplotlib and
+torch load on first use."""
 from gpt2fast.data.clean import (
     BOILERPLATE_LINES,
     BOILERPLATE_PATTERNS,

@@ -1,7 +1,10 @@
 """``prepare``: raw text through the stages of docs/data.md into a folder of shards, with its manifest and funnel.
 
-A document at a time, so memory stays flat in the input size; the output folder is only ever finished (a
-manifest, written last) or visibly unfinished (none), so a crash never leaves data that looks whole. A
+Three passes (``_run_stages``): the per-document work on chunks of the streamed input, in parallel; the dedup
+decisions, in input order; the kept documents' tokens into the shards, in order. So the output does not depend
+on the number of workers or the engine, and memory grows only by a few bytes per document. The output folder
+is only ever finished (a manifest, written last) or visibly unfinished (none), so a crash never leaves data
+that looks whole. A
 ``--force`` rebuild of a finished folder is made beside it and moved in only once complete, so a failed
 rebuild costs nothing. An input record that cannot be read costs only itself (counted, reported, skipped)
 unless ``strict``.
