@@ -71,3 +71,10 @@ def test_a_progress_bar_per_pass_only_when_asked_or_on_a_terminal(inputs, tmp_pa
     for bar in ("filter, hash, tokenize", "near-dedup partitions", "write shards"):
         assert bar in err, bar
     assert "MB/s" in err and "docs" in err
+
+
+def test_more_documents_than_32_bits_number_is_a_clear_error(inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr("gpt2fast.data.pipeline.MAX_DOCUMENTS", 30)  # the real limit is 2**32 - 1
+    with pytest.raises(DataError, match=r"more than 30 input documents in one run.*in parts"):
+        prepare(inputs, tmp_path / "out", PrepareOptions(min_chars=50, workers=1), log=lambda s: None)
+    assert not (tmp_path / "out" / "manifest.json").exists()

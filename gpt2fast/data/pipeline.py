@@ -522,6 +522,9 @@ class _Chunk(NamedTuple):
     set_digests: np.ndarray
 
 
+MAX_DOCUMENTS = (1 << 32) - 1
+
+
 def _chunk_jobs(records, opts: PrepareOptions, starts: List[int]):
     """(chunk index, records) jobs of at most ``batch_docs`` documents or ``batch_chars`` characters (a
     document larger than that is a chunk of its own); ``starts`` gets each chunk's first global index."""
@@ -529,6 +532,9 @@ def _chunk_jobs(records, opts: PrepareOptions, starts: List[int]):
     for rec in records:
         batch.append((rec.text, rec.url, rec.score))
         chars += len(rec.text)
+        if n + len(batch) > MAX_DOCUMENTS:
+            raise DataError(f"more than {MAX_DOCUMENTS:,} input documents in one run (dedup numbers them in 32 "
+                            f"bits); prepare the inputs in parts of fewer documents, each into its own --out")
         if len(batch) >= opts.batch_docs or chars >= opts.batch_chars:
             starts.append(n)
             n += len(batch)
