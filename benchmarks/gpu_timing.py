@@ -65,6 +65,13 @@ SPIN_CALIBRATION_CYCLES = 10_000_000  # torch.cuda._sleep cycles timed once per 
 
 
 @functools.cache
+def needs_gpu(what: str):
+    """The mark every GPU benchmark module sets: a mark, not a module-level skip, so that without a GPU the
+    benchmarks are still collected (tools/gpu_session.sh --dry-run lists them) and each is skipped with why."""
+    return pytest.mark.skipif(not torch.cuda.is_available(),
+                              reason=f"GPU benchmark: CUDA is not available ({what} timed on a GPU)")
+
+
 def gpu_peak(device_index: int = 0) -> Optional[GpuPeak]:
     """The peak figures of this GPU (``gpt2fast.hardware``), or None for one not in its table."""
     name = torch.cuda.get_device_name(device_index)

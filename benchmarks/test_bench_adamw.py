@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gpu_timing import copy_gb_per_s, record_figures, report, require_backend, run_benchmark, time_cuda
+from gpu_timing import copy_gb_per_s, needs_gpu, record_figures, report, require_backend, run_benchmark, time_cuda
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA device here")
+pytestmark = needs_gpu("the AdamW step is")
 
 SUITE = "adamw"
 GROUP = "AdamW step, GPT-2 124M fp32"

@@ -29,6 +29,7 @@ from gpu_timing import (
     OURS_BACKENDS,
     first_call,
     measure_once,
+    needs_gpu,
     record_figures,
     report,
     require_backend,
@@ -38,11 +39,7 @@ from gpu_timing import (
 
 from gpt2fast.ops import attention
 
-# A mark, not a module-level skip: without a GPU the benchmarks are still collected (tools/gpu_session.sh
-# --dry-run lists them) and each one is skipped with the reason.
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="GPU benchmarks: CUDA is not available (the attention kernels are timed on a GPU)")
+pytestmark = needs_gpu("the attention kernels are")
 
 
 attention_module = importlib.import_module("gpt2fast.ops.attention")

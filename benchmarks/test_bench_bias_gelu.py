@@ -15,11 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gpu_timing import MEMORY_BOUND_IMPLS, first_call, measure_memory_bound, memory_bound_impl
+from gpu_timing import MEMORY_BOUND_IMPLS, first_call, measure_memory_bound, memory_bound_impl, needs_gpu
 
 # A mark, not a module-level skip: without a GPU the benchmarks are still collected (tools/gpu_session.sh
 # --dry-run lists them) and each one is skipped with the reason.
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA device here")
+pytestmark = needs_gpu("bias+GELU is")
 
 DTYPE = torch.bfloat16
 ROWS, WIDTH = 16384, 4 * 768  # GPT-2 small's MLP: batch 16 x 1024 tokens, 4 x d_model

@@ -34,6 +34,7 @@ from gpu_timing import (
     copy_gb_per_s,
     first_call,
     measure_once,
+    needs_gpu,
     record_figures,
     report,
     require_backend,
@@ -43,11 +44,7 @@ from gpu_timing import (
 
 from gpt2fast.ops import cross_entropy, linear_cross_entropy
 
-# A mark, not a module-level skip: without a GPU the benchmarks are still collected (tools/gpu_session.sh
-# --dry-run lists them) and each one is skipped with the reason.
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="GPU benchmarks: CUDA is not available (the cross-entropy kernels are timed on a GPU)")
+pytestmark = needs_gpu("the cross-entropy kernels are")
 
 
 ce_module = importlib.import_module("gpt2fast.ops.cross_entropy")

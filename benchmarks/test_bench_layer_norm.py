@@ -16,11 +16,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gpu_timing import MEMORY_BOUND_IMPLS, measure_memory_bound, memory_bound_impl
+from gpu_timing import MEMORY_BOUND_IMPLS, measure_memory_bound, memory_bound_impl, needs_gpu
 
 # A mark, not a module-level skip: without a GPU the benchmarks are still collected (tools/gpu_session.sh
 # --dry-run lists them) and each one is skipped with the reason.
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: no CUDA device here")
+pytestmark = needs_gpu("LayerNorm is")
 
 DTYPE = torch.bfloat16
 ROWS, WIDTH = 16384, 768  # GPT-2 small: batch 16 x 1024 tokens, d_model 768

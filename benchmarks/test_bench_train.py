@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 from bench_results import NOTES, Figure, record
-from gpu_timing import measured_ceilings, record_figures, report, time_cuda
+from gpu_timing import measured_ceilings, needs_gpu, record_figures, report, time_cuda
 
 from gpt2fast.compute import model_flops_per_token
 from gpt2fast.model import GPT2, GPT2Config
@@ -26,8 +26,7 @@ from gpt2fast.train import TrainConfig, make_optimizer
 
 # A mark, not a module-level skip: without a GPU the benchmarks are still collected (tools/gpu_session.sh
 # --dry-run lists them) and each one is skipped with the reason.
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="GPU benchmark: CUDA is not available (the training step is timed on a GPU)")
+pytestmark = needs_gpu("the training step is")
 
 
 BATCH, T = 32, 1024

@@ -91,3 +91,11 @@ def small_shards(tmp_path_factory, small_documents):
     out = tmp_path_factory.mktemp("shards")
     data.prepare([folder / "docs.jsonl"], out, data.PrepareOptions(val_fraction=0.2), log=lambda s: None)
     return out
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """The CUDA custom operators over tests/cuda_standin.py's plain-PyTorch binding, for this test only."""
+    import cuda_standin
+
+    return cuda_standin.install(monkeypatch)

@@ -29,6 +29,14 @@ def max_error(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
 
 
+def assert_outputs_within_flash_rule(op: str, ours, torch_lowprec, ref64) -> None:
+    """``assert_within_flash_rule`` for each of an op's outputs (the forward's loss, then each gradient), and
+    each of ours in the dtype PyTorch's own low-precision path gives."""
+    for i, (o, lp, r) in enumerate(zip(ours, torch_lowprec, ref64)):
+        assert o.dtype == lp.dtype, (op, i, o.dtype, lp.dtype)
+        assert_within_flash_rule(f"{op} output {i}", o, lp, r)
+
+
 def assert_within_flash_rule(name: str, ours: torch.Tensor, torch_lowprec: torch.Tensor, ref64: torch.Tensor):
     """max|ours - ref| <= 2 * max|torch_lowprec - ref| + 4 ulp(dtype) * max|ref|."""
     assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"

@@ -362,9 +362,7 @@ def test_backend_cuda_matches_float64_reference():
 # ------------------------------------------------------------------- CUDA custom operators (CPU stand-in)
 # torch.ops.gpt2fast.attention_fwd / attention_bwd over tests/cuda_standin.py's plain-PyTorch binding:
 # schemas, fakes (and the layouts they promise), registered backward and tracing, without a GPU.
-@pytest.fixture
-def stand_in(monkeypatch):
-    return cuda_standin.install(monkeypatch)
+# (the stand_in fixture, which installs it, is in conftest.py)
 
 
 def _strided_qkv(B=2, T=9, H=3, D=64):

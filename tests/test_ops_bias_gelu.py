@@ -15,6 +15,7 @@ from ops_testing import (
     DEVICE,
     DTYPES,
     ON_GPU,
+    assert_outputs_within_flash_rule,
     assert_within_flash_rule,
     cuda_dtypes,
     cuda_ops_or_skip,
@@ -207,17 +208,13 @@ def test_backend_cuda_matches_float64_reference():
         return [out.detach()] + list(torch.autograd.grad(out, (x, b)))
 
     ours, lowp, ref = outputs("cuda"), outputs("torch"), outputs("torch", torch.float64)
-    for i, (o, lp, r) in enumerate(zip(ours, lowp, ref)):
-        assert o.dtype == lp.dtype, (i, o.dtype, lp.dtype)
-        assert_within_flash_rule(f"bias_gelu output {i}", o, lp, r)
+    assert_outputs_within_flash_rule("bias_gelu", ours, lowp, ref)
 
 
 # ------------------------------------------------------------------- CUDA custom operators (CPU stand-in)
 # torch.ops.gpt2fast.bias_gelu_fwd / bias_gelu_bwd over tests/cuda_standin.py's plain-PyTorch binding:
 # schemas, fakes, registered backward and tracing, without a GPU.
-@pytest.fixture
-def stand_in(monkeypatch):
-    return cuda_standin.install(monkeypatch)
+# (the stand_in fixture, which installs it, is in conftest.py)
 
 
 OPCHECK_ARGS = {

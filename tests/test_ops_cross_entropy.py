@@ -17,6 +17,7 @@ from ops_testing import (
     DEVICE,
     DTYPES,
     ON_GPU,
+    assert_outputs_within_flash_rule,
     assert_within_flash_rule,
     cuda_dtypes,
     cuda_ops_or_skip,
@@ -566,17 +567,13 @@ def test_backend_cuda_matches_float64_reference(op):
         return [out.detach()] + list(torch.autograd.grad(out, leaves))
 
     ours, lowp, ref = outputs("cuda"), outputs("torch"), outputs("torch", torch.float64)
-    for i, (o, lp, r) in enumerate(zip(ours, lowp, ref)):
-        assert o.dtype == lp.dtype, (op, i, o.dtype, lp.dtype)
-        assert_within_flash_rule(f"{op} output {i}", o, lp, r)
+    assert_outputs_within_flash_rule(op, ours, lowp, ref)
 
 
 # ------------------------------------------------------------------- CUDA custom operators (CPU stand-in)
 # torch.ops.gpt2fast.cross_entropy_mean / _rows / _grad / _grad_ over tests/cuda_standin.py's plain-PyTorch
 # binding: schemas, fakes, registered backward and tracing, without a GPU.
-@pytest.fixture
-def stand_in(monkeypatch):
-    return cuda_standin.install(monkeypatch)
+# (the stand_in fixture, which installs it, is in conftest.py)
 
 
 def _opcheck_args(name):
